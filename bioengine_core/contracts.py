@@ -1,0 +1,330 @@
+"""Public contracts for plugin authors: backend records, settings base, and the abstract backends.
+
+Hooks *register* backends by returning the records defined here; the backends themselves are
+classes implementing the small abstract interfaces below. Plugins import only this module,
+`hookspecs`, `errors`, `commands`, `health` and `testing` from the core.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+# --------------------------------------------------------------------------- settings
+
+
+class BackendSettings(BaseModel):
+    """Base of every backend's settings model: one config section, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    kind: str
+
+
+# --------------------------------------------------------------------------- context
+
+
+@dataclass
+class BackendContext:
+    """What the core hands every backend factory besides its settings."""
+
+    deployment: str
+    """Name of this deployment; every replica is labelled with it (adoption after restarts)."""
+    state_dir: Path
+    """A directory the backend may use for pid files, logs and scratch data."""
+    config_dir: Path
+    """Directory of the site config; relative paths in settings are relative to it."""
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("bioengine"))
+
+    def resolve_path(self, value: str | Path) -> Path:
+        """Expand `~` and make `value` absolute relative to the config's directory."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.config_dir / path).resolve()
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class BackendType:
+    """A registered backend: its `kind` name, settings model and factory.
+
+    `factory(settings=..., context=...)` returns the backend instance.
+    """
+
+    name: str
+    settings: type[BackendSettings]
+    factory: Callable[..., Any]
+    description: str = ""
+
+    family: ClassVar[str] = "backend"
+
+
+@dataclass(frozen=True)
+class ExecutorType(BackendType):
+    """Registers an executor (runs inference-server replicas on some infrastructure)."""
+
+    family: ClassVar[str] = "executor"
+
+
+@dataclass(frozen=True)
+class StorageType(BackendType):
+    """Registers a storage (holds the Triton model repository where replicas can load it)."""
+
+    family: ClassVar[str] = "storage"
+
+
+@dataclass(frozen=True)
+class ModelSourceType(BackendType):
+    """Registers a model source for the reference schemes it handles (`folder`, `zip`, ...)."""
+
+    schemes: tuple[str, ...] = ()
+    family: ClassVar[str] = "source"
+
+
+@dataclass(frozen=True)
+class GatewayType(BackendType):
+    """Registers a gateway (exposes the service API to users)."""
+
+    family: ClassVar[str] = "gateway"
+
+
+# --------------------------------------------------------------------------- executor
+
+
+class ReplicaState(str, enum.Enum):
+    """Life cycle of one inference-server replica, as an executor reports it."""
+
+    PENDING = "pending"  # accepted, waiting for resources (a queued batch job)
+    STARTING = "starting"  # running, but the server does not answer ready yet
+    READY = "ready"  # the server answers /v2/health/ready with 200
+    FAILED = "failed"  # ended or crashed without being asked to; the engine replaces it
+    STOPPING = "stopping"  # asked to stop, not gone yet
+    STOPPED = "stopped"  # gone after being asked to stop (or never existed)
+    UNKNOWN = "unknown"  # the backend cannot tell right now (controller unreachable)
+
+    @property
+    def alive(self) -> bool:
+        """True for states in which the replica may still serve or become ready."""
+        return self in (ReplicaState.PENDING, ReplicaState.STARTING, ReplicaState.READY)
+
+
+@dataclass
+class RepositoryLocation:
+    """How a replica reaches the model repository that a storage holds."""
+
+    uri: str
+    """What Triton gets as `--model-repository`: a path, or e.g. `s3://host:port/bucket/prefix`."""
+    local_path: Path | None = None
+    """The repository as a directory on this host, if it is one (for bind mounts)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment a replica needs to read it (credentials: never logged)."""
+
+
+@dataclass
+class ReplicaSpec:
+    """What the engine asks an executor to run: one Triton server over a model repository."""
+
+    deployment: str
+    repository: RepositoryLocation
+    models: list[str] = field(default_factory=list)
+    """Triton model names to load at start (the server runs with explicit model control)."""
+    labels: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    gpus: int = 0
+
+
+@dataclass
+class ReplicaStatus:
+    """What an executor knows about one replica."""
+
+    replica_id: str
+    state: ReplicaState
+    url: str | None = None
+    """Base URL of the replica's Triton HTTP endpoint, e.g. `http://127.0.0.1:8000`."""
+    host: str | None = None
+    message: str = ""
+    """Human-readable detail: Slurm's pending reason, an exit code, a container error."""
+    labels: dict[str, str] = field(default_factory=dict)
+    started_at: float | None = None
+    expires_at: float | None = None
+    """Wall-clock time at which the backend will end the replica (a job's time limit)."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """Backend specifics shown by `bioengine status` (pid, job id, container id)."""
+
+
+class Executor(ABC):
+    """Runs inference-server replicas on some infrastructure.
+
+    Two styles are supported. With `manages_replicas = False` (local processes, Slurm jobs) the
+    engine starts and stops each replica and replaces failed ones. With `manages_replicas = True`
+    (a Kubernetes Deployment) the engine only calls `scale()` and the platform keeps replicas
+    alive; `list()` then reports what the platform runs.
+
+    Methods are synchronous; the engine calls them from worker threads.
+    """
+
+    manages_replicas: ClassVar[bool] = False
+
+    @abstractmethod
+    def start(self, spec: ReplicaSpec) -> ReplicaStatus:
+        """Start one replica and return at once (state PENDING or STARTING); never wait for ready."""
+
+    @abstractmethod
+    def status(self, replica_id: str) -> ReplicaStatus:
+        """Current state of a replica; STOPPED for one that is gone after `stop()` or unknown."""
+
+    @abstractmethod
+    def stop(self, replica_id: str, *, grace: float = 10.0) -> None:
+        """Stop a replica: ask politely, force after `grace` seconds. Idempotent."""
+
+    @abstractmethod
+    def logs(self, replica_id: str, *, tail: int = 200) -> str:
+        """The last `tail` lines the replica's server wrote."""
+
+    @abstractmethod
+    def list(self, deployment: str) -> list[ReplicaStatus]:
+        """Alive replicas labelled with `deployment`, including ones started by an earlier run."""
+
+    def scale(self, spec: ReplicaSpec, replicas: int) -> None:
+        """Set the number of replicas (only for executors with `manages_replicas = True`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not manage replicas itself")
+
+    def preview(self, spec: ReplicaSpec) -> str:
+        """What `start(spec)` would run (a command line, a batch script, a manifest)."""
+        return ""
+
+    def close(self) -> None:
+        """Release client resources; replicas keep running (they are stopped with `stop`)."""
+
+
+# --------------------------------------------------------------------------- storage
+
+
+class Storage(ABC):
+    """Holds the Triton model repository: one directory per model, published whole."""
+
+    @abstractmethod
+    def put(self, name: str, source: Path) -> None:
+        """Publish the model directory `source` as `name`, replacing an older one atomically."""
+
+    @abstractmethod
+    def get(self, name: str, dest: Path) -> Path:
+        """Copy model `name` into the directory `dest` and return it; StorageError if absent."""
+
+    @abstractmethod
+    def list(self) -> list[str]:
+        """Names of the published models, sorted."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Remove model `name`; idempotent."""
+
+    @abstractmethod
+    def location(self) -> RepositoryLocation:
+        """How a replica reaches this repository."""
+
+
+# --------------------------------------------------------------------------- model source
+
+
+class ModelSource(ABC):
+    """Turns a model reference such as `folder:./models/x` into a package directory on disk."""
+
+    @abstractmethod
+    def resolve(self, ref: str, *, cache_dir: Path) -> Path:
+        """Return a directory holding the package's `rdf.yaml`/`bioimageio.yaml`; ModelError if not."""
+
+
+# --------------------------------------------------------------------------- gateway
+
+
+@dataclass
+class ModelInfo:
+    """One served model as the service lists it."""
+
+    id: str
+    name: str
+    description: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    weight_format: str
+    tags: list[str] = field(default_factory=list)
+
+
+class Service(ABC):
+    """The service API that gateways expose; implemented by the engine."""
+
+    @abstractmethod
+    def list_models(self) -> list[ModelInfo]:
+        """The models this deployment serves."""
+
+    @abstractmethod
+    def get_model(self, model_id: str) -> dict[str, Any]:
+        """The model's bioimage.io description (RDF) as a dict; ModelNotFoundError if unknown."""
+
+    @abstractmethod
+    async def infer(
+        self,
+        model_id: str,
+        inputs: dict[str, np.ndarray] | list[np.ndarray],
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run the model on numpy inputs (keyed by tensor id, or positional); pre/post applied."""
+
+    @abstractmethod
+    async def infer_raw(
+        self, model_id: str, body: bytes, headers: dict[str, str], *, timeout: float | None = None
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """Forward a KServe v2 HTTP infer request body to a ready replica; (status, body, headers)."""
+
+    @abstractmethod
+    async def test_model(self, model_id: str) -> dict[str, Any]:
+        """Run the model's own test inputs through the replicas and compare with its test outputs."""
+
+    @abstractmethod
+    def status(self) -> dict[str, Any]:
+        """Replicas, endpoints, states, gateways and per-model request counts."""
+
+    @abstractmethod
+    async def load_model(self, ref: str, *, model_id: str | None = None) -> str:
+        """Resolve, publish and load a model on every replica; returns its id (admin)."""
+
+    @abstractmethod
+    async def unload_model(self, model_id: str) -> None:
+        """Unload a model from every replica (admin)."""
+
+    @abstractmethod
+    async def scale(self, replicas: int) -> None:
+        """Change the target number of replicas (admin)."""
+
+
+class Gateway(ABC):
+    """Exposes the Service to users (HTTP, Hypha, ...). Runs inside the engine's event loop."""
+
+    @abstractmethod
+    async def start(self, service: Service) -> None:
+        """Begin accepting requests for `service`."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Stop accepting, finish in-flight requests, unregister."""
+
+    @abstractmethod
+    def info(self) -> dict[str, Any]:
+        """`{"kind", "url", "state", ...}` for `bioengine status`."""
+
+
+def now() -> float:
+    """Wall-clock seconds; one place so tests can reason about expiry times."""
+    return time.time()

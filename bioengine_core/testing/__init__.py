@@ -1,0 +1,1 @@
+"""Conformance suites and helpers for plugin authors (importable test classes, pytest plugin)."""
