@@ -10,8 +10,14 @@ from .hookspecs import hookimpl
 def bioengine_register_storages() -> list[StorageType]:
     from .storage_local import LocalStorageSettings, make_local_storage
 
-    return [StorageType("local", LocalStorageSettings, make_local_storage,
-                        "model repository in a local or shared directory")]
+    return [
+        StorageType(
+            "local",
+            LocalStorageSettings,
+            make_local_storage,
+            "model repository in a local or shared directory",
+        )
+    ]
 
 
 @hookimpl
@@ -19,12 +25,20 @@ def bioengine_register_model_sources() -> list[ModelSourceType]:
     from .sources import FolderSource, FolderSourceSettings, ZipSource, ZipSourceSettings
 
     return [
-        ModelSourceType("folder", FolderSourceSettings,
-                        lambda *, settings, context: FolderSource(context),
-                        "a directory holding a bioimage.io package", schemes=("folder",)),
-        ModelSourceType("zip", ZipSourceSettings,
-                        lambda *, settings, context: ZipSource(context),
-                        "a zipped bioimage.io package", schemes=("zip",)),
+        ModelSourceType(
+            "folder",
+            FolderSourceSettings,
+            lambda *, settings, context: FolderSource(context),
+            "a directory holding a bioimage.io package",
+            schemes=("folder",),
+        ),
+        ModelSourceType(
+            "zip",
+            ZipSourceSettings,
+            lambda *, settings, context: ZipSource(context),
+            "a zipped bioimage.io package",
+            schemes=("zip",),
+        ),
     ]
 
 
@@ -32,5 +46,11 @@ def bioengine_register_model_sources() -> list[ModelSourceType]:
 def bioengine_register_gateways() -> list[GatewayType]:
     from .gateway_http import HttpGatewaySettings, make_http_gateway
 
-    return [GatewayType("http", HttpGatewaySettings, make_http_gateway,
-                        "KServe v2 / Triton HTTP protocol, /health and /metrics")]
+    return [
+        GatewayType(
+            "http",
+            HttpGatewaySettings,
+            make_http_gateway,
+            "KServe v2 / Triton HTTP protocol, /health and /metrics",
+        )
+    ]

@@ -8,11 +8,11 @@ The core's own sections are validated by the models here; each backend section (
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -28,12 +28,18 @@ class EngineSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("bioengine", pattern=r"^[a-z0-9][a-z0-9-]{0,40}$",
-                      description="Deployment name; replicas are labelled with it.")
-    state_dir: str = Field("~/.cache/bioengine",
-                           description="Where pid files, logs and the built repository live.")
+    name: str = Field(
+        "bioengine",
+        pattern=r"^[a-z0-9][a-z0-9-]{0,40}$",
+        description="Deployment name; replicas are labelled with it.",
+    )
+    state_dir: str = Field(
+        "~/.cache/bioengine", description="Where pid files, logs and the built repository live."
+    )
     replicas: int = Field(1, ge=0, le=64, description="Number of inference-server replicas.")
-    ready_timeout: float = Field(300.0, gt=0, description="Seconds to wait for a replica to be ready.")
+    ready_timeout: float = Field(
+        300.0, gt=0, description="Seconds to wait for a replica to be ready."
+    )
     health_interval: float = Field(2.0, gt=0, description="Seconds between health checks.")
     stop_grace: float = Field(10.0, ge=0, description="Seconds between SIGTERM and SIGKILL.")
     request_timeout: float = Field(60.0, gt=0, description="Default per-request timeout (s).")
@@ -48,8 +54,9 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: str = Field(description="Reference: folder:PATH, zip:PATH, PATH, ...")
-    id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
-                           description="Model id (default: from the package).")
+    id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$", description="Model id (default: from the package)."
+    )
     weight_format: Literal["onnx", "torchscript", "pytorch_state_dict"] | None = Field(
         None, description="Weights to serve (default: first available of onnx, torchscript, ...)."
     )
@@ -76,8 +83,12 @@ class _Sections(BaseSettings):
 
     @classmethod
     def settings_customise_sources(
-        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource, *args: Any, **kwargs: Any,
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        *args: Any,
+        **kwargs: Any,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment overrides the file, and the file (passed as init kwargs) the defaults.
         return (env_settings, init_settings)
@@ -194,7 +205,9 @@ def load_config(path: str | Path | None, plugins: PluginManager | None = None) -
             problems.append(_describe(file_label, section, {**e, "loc": rest}, allowed))
         raise ConfigError("\n".join(problems), problems=problems) from None
 
-    def backend(family: str, section: str, raw: dict[str, Any], default_kind: str) -> Backend | None:
+    def backend(
+        family: str, section: str, raw: dict[str, Any], default_kind: str
+    ) -> Backend | None:
         raw = dict(raw)
         kind = raw.setdefault("kind", default_kind)
         reg = plugins.get(family, kind)

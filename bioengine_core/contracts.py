@@ -203,6 +203,14 @@ class Executor(ABC):
         """What `start(spec)` would run (a command line, a batch script, a manifest)."""
         return ""
 
+    def triton_backends(self) -> list[str]:
+        """Triton backends the replicas will have (`python`, `onnxruntime`, `pytorch`, ...).
+
+        The repository builder uses native backends only when listed here; the default is the
+        python backend alone (what the pip-shipped Triton has).
+        """
+        return ["python"]
+
     def close(self) -> None:
         """Release client resources; replicas keep running (they are stopped with `stop`)."""
 

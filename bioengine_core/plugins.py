@@ -106,8 +106,9 @@ class PluginManager:
                 module = ep.load()
             except Exception as exc:  # a broken plugin must not take the service down
                 reason = f"{type(exc).__name__}: {exc}"
-                warnings.warn(f"bioengine plugin '{ep.name}' ({dist}) failed to load: {reason}",
-                              stacklevel=2)
+                warnings.warn(
+                    f"bioengine plugin '{ep.name}' ({dist}) failed to load: {reason}", stacklevel=2
+                )
                 self.plugins[ep.name] = PluginInfo(ep.name, dist, version, "broken", reason)
                 continue
             self._register(ep.name, module, dist, version)
@@ -120,8 +121,9 @@ class PluginManager:
                     records = impl.function() or []
                 except Exception as exc:
                     info.status, info.error = "broken", f"{hook_name}: {type(exc).__name__}: {exc}"
-                    warnings.warn(f"bioengine plugin '{info.name}' is broken: {info.error}",
-                                  stacklevel=2)
+                    warnings.warn(
+                        f"bioengine plugin '{info.name}' is broken: {info.error}", stacklevel=2
+                    )
                     continue
                 for record in records:
                     if record.family != family:
@@ -171,16 +173,28 @@ class PluginManager:
         out = []
         for family, regs in self.backends.items():
             for name, reg in sorted(regs.items()):
-                out.append({
-                    "name": name, "family": family, "plugin": reg.plugin.name,
-                    "distribution": reg.plugin.distribution, "version": reg.plugin.version,
-                    "status": reg.plugin.status, "error": reg.plugin.error,
-                })
+                out.append(
+                    {
+                        "name": name,
+                        "family": family,
+                        "plugin": reg.plugin.name,
+                        "distribution": reg.plugin.distribution,
+                        "version": reg.plugin.version,
+                        "status": reg.plugin.status,
+                        "error": reg.plugin.error,
+                    }
+                )
         for info in self.plugins.values():
             if info.status == "broken":
-                out.append({
-                    "name": info.name, "family": "?", "plugin": info.name,
-                    "distribution": info.distribution, "version": info.version,
-                    "status": "broken", "error": info.error,
-                })
+                out.append(
+                    {
+                        "name": info.name,
+                        "family": "?",
+                        "plugin": info.name,
+                        "distribution": info.distribution,
+                        "version": info.version,
+                        "status": "broken",
+                        "error": info.error,
+                    }
+                )
         return out

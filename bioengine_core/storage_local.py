@@ -18,8 +18,9 @@ class LocalStorageSettings(BackendSettings):
 
     kind: str = "local"
     path: str | None = Field(
-        None, description="Repository directory (default: STATE_DIR/repository). On a cluster, "
-        "a shared filesystem path that compute nodes see at the same location."
+        None,
+        description="Repository directory (default: STATE_DIR/repository). On a cluster, "
+        "a shared filesystem path that compute nodes see at the same location.",
     )
 
 
@@ -60,7 +61,9 @@ class LocalStorage(Storage):
         return dest
 
     def list(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
 
     def delete(self, name: str) -> None:
         shutil.rmtree(self._dir(name), ignore_errors=True)
@@ -71,5 +74,7 @@ class LocalStorage(Storage):
 
 def make_local_storage(*, settings: LocalStorageSettings, context: BackendContext) -> LocalStorage:
     """Factory registered for `kind = "local"`."""
-    root = context.resolve_path(settings.path) if settings.path else context.state_dir / "repository"
+    root = (
+        context.resolve_path(settings.path) if settings.path else context.state_dir / "repository"
+    )
     return LocalStorage(root)

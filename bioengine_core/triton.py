@@ -75,7 +75,7 @@ def find_triton(binary: str | None = None) -> TritonInstall:
         raise ExecutorError(
             "no tritonserver found: put it on PATH, set [executor] triton_binary, or "
             "`pip install 'bioengine-executor-local[triton]'` (ships a CPU Triton with the "
-            "python backend), or use mode = \"container\""
+            'python backend), or use mode = "container"'
         )
     return _describe(root / "bin" / "tritonserver")
 

@@ -1,0 +1,202 @@
+"""Routes inference requests to ready replicas: least outstanding requests, retry on failure.
+
+Requests travel as KServe v2 HTTP bodies with the binary-tensor extension, built and parsed
+with tritonclient; one keep-alive aiohttp session is shared by all replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import numpy as np
+import tritonclient.http as tc
+from tritonclient.utils import np_to_triton_dtype
+
+from .errors import InferenceError, NoReplicaError
+
+log = logging.getLogger(__name__)
+
+HEADER_LEN = "Inference-Header-Content-Length"
+RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ServerDisconnectedError, ConnectionError)
+
+
+@dataclass
+class Route:
+    """A ready replica as the router sees it."""
+
+    replica_id: str
+    url: str
+    outstanding: int = 0
+    requests: int = 0
+    failures: int = 0
+    draining: bool = False
+    added_at: float = field(default_factory=time.monotonic)
+
+
+class Router:
+    """Picks a ready replica per request and retries elsewhere when a replica fails."""
+
+    def __init__(self, *, retries: int = 3, wait_for_replica: float = 30.0):
+        self.routes: dict[str, Route] = {}
+        self.retries = retries
+        self.wait_for_replica = wait_for_replica
+        self._session: aiohttp.ClientSession | None = None
+        self._changed = asyncio.Event()
+        self.on_replica_error: list = []  # callbacks(replica_id) when a replica fails a request
+
+    async def session(self) -> aiohttp.ClientSession:
+        """The shared HTTP session (created lazily inside the running loop)."""
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        return self._session
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        if self._session is not None:
+            await self._session.close()
+
+    # -------------------------------------------------------------- membership
+    def add(self, replica_id: str, url: str) -> None:
+        """Route requests to a ready replica."""
+        if replica_id not in self.routes:
+            self.routes[replica_id] = Route(replica_id, url.rstrip("/"))
+            log.info("routing to replica %s at %s", replica_id, url)
+        self._changed.set()
+
+    def remove(self, replica_id: str) -> Route | None:
+        """Stop routing to a replica (in-flight requests finish or fail over)."""
+        return self.routes.pop(replica_id, None)
+
+    def drain(self, replica_id: str) -> None:
+        """Send no new requests to a replica, but keep it for the ones in flight."""
+        route = self.routes.get(replica_id)
+        if route:
+            route.draining = True
+
+    async def wait_idle(self, replica_id: str, timeout: float) -> None:
+        """Wait until a draining replica has no request in flight (or timeout)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            route = self.routes.get(replica_id)
+            if route is None or route.outstanding == 0:
+                return
+            await asyncio.sleep(0.05)
+
+    def ready_count(self) -> int:
+        """Number of replicas accepting new requests."""
+        return sum(1 for r in self.routes.values() if not r.draining)
+
+    async def _pick(self, exclude: set[str], deadline: float) -> Route:
+        while True:
+            candidates = [
+                r for r in self.routes.values() if not r.draining and r.replica_id not in exclude
+            ]
+            if not candidates and exclude:
+                # every replica failed once: allow another round on the survivors
+                candidates = [r for r in self.routes.values() if not r.draining]
+            if candidates:
+                return min(candidates, key=lambda r: (r.outstanding, r.requests))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NoReplicaError(
+                    "no ready replica is available (the service is starting "
+                    "or every replica failed); try again shortly"
+                )
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 0.5))
+            except asyncio.TimeoutError:
+                pass
+
+    # -------------------------------------------------------------- requests
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 60.0,
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """Send one HTTP request to a ready replica, failing over on connection errors."""
+        deadline = time.monotonic() + max(timeout, self.wait_for_replica)
+        tried: set[str] = set()
+        last: Exception | None = None
+        session = await self.session()
+        client_timeout = aiohttp.ClientTimeout(total=timeout)
+        for _ in range(self.retries + 1):
+            route = await self._pick(tried, deadline)
+            route.outstanding += 1
+            route.requests += 1
+            try:
+                async with session.request(
+                    method, route.url + path, data=body, headers=headers, timeout=client_timeout
+                ) as resp:
+                    data = await resp.read()
+                    out_headers = {
+                        k: v
+                        for k, v in resp.headers.items()
+                        if k.lower() in ("content-type", HEADER_LEN.lower())
+                    }
+                    if resp.status in (502, 503) and b"not ready" in data.lower():
+                        raise ConnectionError(f"replica {route.replica_id} not ready")
+                    return resp.status, data, out_headers
+            except RETRYABLE as exc:
+                last = exc
+                route.failures += 1
+                tried.add(route.replica_id)
+                log.warning(
+                    "replica %s failed a request (%s); retrying elsewhere", route.replica_id, exc
+                )
+                for callback in self.on_replica_error:
+                    callback(route.replica_id)
+            except asyncio.TimeoutError:
+                raise InferenceError(f"request timed out after {timeout} s", status=504) from None
+            finally:
+                route.outstanding -= 1
+        raise NoReplicaError(f"request failed on {len(tried)} replica(s): {last}")
+
+    async def infer(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str],
+        *,
+        timeout: float = 60.0,
+    ) -> dict[str, np.ndarray]:
+        """Run a Triton model on numpy inputs with binary tensors; returns numpy outputs."""
+        infer_inputs = []
+        for name, array in inputs.items():
+            arr = np.ascontiguousarray(array)
+            item = tc.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+            item.set_data_from_numpy(arr, binary_data=True)
+            infer_inputs.append(item)
+        requested = [tc.InferRequestedOutput(name, binary_data=True) for name in outputs]
+        body, json_size = tc.InferenceServerClient.generate_request_body(infer_inputs, requested)
+        headers = {"Content-Type": "application/octet-stream"}
+        if json_size is not None:
+            headers[HEADER_LEN] = str(json_size)
+        status, data, out_headers = await self.request(
+            "POST", f"/v2/models/{model}/infer", body=body, headers=headers, timeout=timeout
+        )
+        if status != 200:
+            raise InferenceError(error_message(data) or f"HTTP {status}", status=status)
+        header_length = out_headers.get(HEADER_LEN) or out_headers.get(HEADER_LEN.lower())
+        result = tc.InferenceServerClient.parse_response_body(
+            data, header_length=int(header_length) if header_length else None
+        )
+        return {name: result.as_numpy(name) for name in outputs}
+
+
+def error_message(data: bytes) -> str:
+    """The `error` field of a Triton JSON error body, or the raw text."""
+    try:
+        return str(json.loads(data).get("error", ""))
+    except (ValueError, AttributeError):
+        return data.decode(errors="replace")[:500]
