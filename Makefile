@@ -1,0 +1,36 @@
+# Two entry points for people: `make serve` (the embedded default) and `make test` (everything).
+# Both create .venv on first use and install the core plus every workspace plugin into it.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PLUGINS := -e "plugins/executor_local[triton]" -e plugins/executor_slurm -e "plugins/gateway_hypha[server]"
+
+.PHONY: serve test install services lint bench clean
+
+$(BIN)/.installed: pyproject.toml $(wildcard plugins/*/pyproject.toml)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[onnx,torch,test]" $(PLUGINS)
+	touch $@
+
+install: $(BIN)/.installed
+
+serve: install
+	$(BIN)/bioengine serve --config examples/local.toml
+
+services:
+	bash .ci/start-services.sh
+
+test: install services
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/python bench/bench_local.py
+
+clean:
+	rm -rf $(VENV) .bioengine
