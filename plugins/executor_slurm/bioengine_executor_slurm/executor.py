@@ -1,0 +1,351 @@
+"""The SLURM executor: each Triton replica is one batch job; its id is the Slurm job id.
+
+A job is marked as ours by its name (`PREFIX-DEPLOYMENT`), its comment and its user; that is how
+a restarted `serve` adopts running jobs, and why stop never touches anybody else's job. The job
+runs `python -m bioengine_executor_slurm.launch`, which publishes `host:port` in a shared
+endpoint directory once Triton answers ready. One squeue answer (reused for `poll_interval`
+seconds) serves the status of every replica.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bioengine_core.contracts import (
+    BackendContext,
+    Executor,
+    ReplicaSpec,
+    ReplicaState,
+    ReplicaStatus,
+)
+from bioengine_core.errors import CommandError, ExecutorError
+from bioengine_core.triton import find_triton, is_ready
+
+from .script import ScriptPaths, job_name, parse_comment, render_script
+from .settings import SlurmSettings
+from .slurm import END_MESSAGES, Job, SlurmCLI, explain_reason, sbatch_hint
+
+log = logging.getLogger(__name__)
+
+# Native backends of NVIDIA's Triton container images.
+CONTAINER_BACKENDS = ["onnxruntime", "python", "pytorch", "tensorrt"]
+
+
+class SlurmExecutor(Executor):
+    """Runs each Triton replica as a Slurm batch job and tracks it with squeue."""
+
+    manages_replicas = False
+
+    def __init__(self, settings: SlurmSettings, context: BackendContext):
+        self.settings = settings
+        self.context = context
+        state_dir = (
+            context.resolve_path(settings.state_dir)
+            if settings.state_dir
+            else Path(context.state_dir) / "slurm"
+        )
+        self.paths = ScriptPaths(state_dir)
+        self.template_path = context.resolve_path(settings.template) if settings.template else None
+        self.cli = SlurmCLI(
+            squeue_format=settings.squeue_format,
+            sacct=settings.sacct,
+            retries=settings.command_retries,
+            timeout=settings.command_timeout,
+        )
+        self._lock = threading.Lock()
+        self._snapshot: dict[str, Job] = {}
+        self._snapshot_at = 0.0
+        self._known: set[str] = set()  # jobs this instance started or adopted
+        self._names = {job_name(settings, context.deployment)}
+
+    # ------------------------------------------------------------------ squeue snapshot
+    def _jobs(self, max_age: float | None = None) -> dict[str, Job]:
+        """Our user's jobs by id, from an squeue answer at most `max_age` seconds old."""
+        max_age = self.settings.poll_interval if max_age is None else max_age
+        with self._lock:
+            if time.monotonic() - self._snapshot_at > max_age:
+                jobs = self.cli.jobs()
+                self._snapshot = {j.job_id: j for j in jobs}
+                self._snapshot_at = time.monotonic()
+            return self._snapshot
+
+    def _invalidate(self) -> None:
+        with self._lock:
+            self._snapshot_at = 0.0
+
+    def _lookup(self, job_id: str, *, fresh: bool = False) -> Job | None:
+        """The job as squeue (or, for forgotten jobs, sacct) knows it; None if unknown."""
+        jobs = self._jobs(0.0 if fresh else None)
+        job = jobs.get(job_id)
+        if job is None and not fresh:
+            job = self._jobs(0.5).get(job_id)
+        if job is None:
+            job = self.cli.sacct(job_id)
+        return job
+
+    def _ours(self, job: Job) -> bool:
+        return (job.name in self._names or job.job_id in self._known) and (
+            not job.user or not self.cli.user or job.user == self.cli.user
+        )
+
+    # ------------------------------------------------------------------ state files
+    def _endpoint(self, job_id: str) -> dict[str, Any] | None:
+        return _read_json(self.paths.endpoints / f"{job_id}.json")
+
+    def _exit(self, job_id: str) -> dict[str, Any] | None:
+        return _read_json(self.paths.endpoints / f"{job_id}.exit.json")
+
+    def _stopped(self, job_id: str) -> bool:
+        return (self.paths.stopped / job_id).exists()
+
+    def _mark_stopped(self, job_id: str) -> None:
+        self.paths.ensure()
+        (self.paths.stopped / job_id).write_text(f"{time.time()}\n")
+
+    def _output_file(self, job_id: str, name: str | None = None) -> Path | None:
+        if name:
+            path = self.paths.logs / f"{name}-{job_id}.out"
+            if path.exists():
+                return path
+        found = sorted(self.paths.logs.glob(f"*-{job_id}.out"))
+        return found[0] if found else None
+
+    # ------------------------------------------------------------------ Executor API
+    def preview(self, spec: ReplicaSpec) -> str:
+        """The batch script `start(spec)` submits."""
+        return render_script(self.settings, spec, self.paths, template_path=self.template_path)
+
+    def start(self, spec: ReplicaSpec) -> ReplicaStatus:
+        """Submit one replica job with `sbatch --parsable`; returns PENDING at once."""
+        self.paths.ensure()
+        script = self.preview(spec)
+        env = {**spec.repository.env, **spec.env}
+        try:
+            job_id = self.cli.submit(script, env=env)
+        except CommandError as exc:
+            hint = sbatch_hint(exc.stderr)
+            detail = (exc.stderr or exc.stdout).strip()
+            raise ExecutorError(
+                f"sbatch rejected the replica job: {detail}" + (f"\nhint: {hint}" if hint else "")
+            ) from exc
+        name = job_name(self.settings, spec.deployment)
+        self._names.add(name)
+        self._known.add(job_id)
+        scripts = self.paths.state_dir / "scripts"
+        scripts.mkdir(parents=True, exist_ok=True)
+        (scripts / f"{job_id}.sh").write_text(script)
+        self._invalidate()
+        log.info("submitted Slurm job %s (%s)", job_id, name)
+        return ReplicaStatus(
+            replica_id=job_id,
+            state=ReplicaState.PENDING,
+            message=f"submitted as Slurm job {job_id}",
+            labels=self._labels(spec.deployment, job_id, spec.labels),
+            details=self._details(job_id, name),
+        )
+
+    def status(self, replica_id: str) -> ReplicaStatus:
+        """PENDING (with Slurm's reason), STARTING, READY, FAILED (with why), STOPPED."""
+        job = self._lookup(replica_id)
+        if job is not None and not self._ours(job):
+            return ReplicaStatus(
+                replica_id,
+                ReplicaState.STOPPED,
+                message=f"Slurm job {replica_id} is not a job of this deployment",
+            )
+        if (
+            job is not None
+            and job.alive
+            and job.state == "RUNNING"
+            and not self._stopped(replica_id)
+        ):
+            endpoint = self._endpoint(replica_id)
+            if endpoint is not None and is_ready(endpoint.get("url", "")):
+                return self._status(job, ReplicaState.READY, "Triton is ready", endpoint)
+            if endpoint is not None or self._exit(replica_id) is not None:
+                # Triton stopped answering or ended: ask Slurm afresh whether the job ended.
+                job = self._lookup(replica_id, fresh=True) or job
+        return self._classify(replica_id, job)
+
+    def _classify(self, job_id: str, job: Job | None) -> ReplicaStatus:
+        stopped = self._stopped(job_id)
+        exit_info = self._exit(job_id)
+        if job is None:
+            if stopped:
+                return ReplicaStatus(job_id, ReplicaState.STOPPED, message="stopped")
+            if exit_info is not None or job_id in self._known:
+                why = exit_info.get("reason", "") if exit_info else ""
+                return ReplicaStatus(
+                    job_id,
+                    ReplicaState.FAILED,
+                    message=f"Slurm job {job_id} ended and is no longer known to Slurm"
+                    + (f"; launcher: {why}" if why else ""),
+                    details=self._details(job_id, None),
+                )
+            return ReplicaStatus(job_id, ReplicaState.STOPPED, message=f"no Slurm job {job_id}")
+        if job.alive:
+            if stopped:
+                return self._status(job, ReplicaState.STOPPING, "cancelled, waiting for it to end")
+            if job.state == "RUNNING":
+                endpoint = self._endpoint(job_id)
+                if exit_info is not None:
+                    return self._status(
+                        job, ReplicaState.FAILED, f"Triton ended: {exit_info.get('reason', '')}"
+                    )
+                if endpoint is None:
+                    since = time.strftime("%H:%M:%S", time.localtime(job.start_time or 0))
+                    return self._status(
+                        job,
+                        ReplicaState.STARTING,
+                        f"job running on {job.nodes or '?'} since {since}; waiting for Triton "
+                        f"to be ready",
+                    )
+                return self._status(
+                    job,
+                    ReplicaState.STARTING,
+                    f"Triton at {endpoint.get('url')} does not answer ready",
+                    endpoint,
+                )
+            if job.state == "PENDING":
+                words, can_wait = explain_reason(job.reason)
+                message = f"pending in Slurm (reason: {job.reason or 'None'}): {words}"
+                if not can_wait:
+                    message += "; it will not start unless the request or the cluster changes"
+                status = self._status(job, ReplicaState.PENDING, message)
+                status.details["unsatisfiable"] = not can_wait
+                return status
+            return self._status(job, ReplicaState.PENDING, f"Slurm state {job.state}")
+        # The job ended.
+        if stopped:
+            state = ReplicaState.STOPPING if job.state == "COMPLETING" else ReplicaState.STOPPED
+            return self._status(job, state, f"stopped (Slurm state {job.state})")
+        why = END_MESSAGES.get(job.state, f"the job ended in Slurm state {job.state}")
+        parts = [f"Slurm job {job_id} {job.state}: {why}"]
+        if job.exit_code not in (None, 0):
+            parts.append(f"exit code {job.exit_code}")
+        if exit_info is not None and exit_info.get("reason"):
+            parts.append(f"launcher: {exit_info['reason']}")
+        return self._status(job, ReplicaState.FAILED, "; ".join(parts))
+
+    def _status(
+        self, job: Job, state: ReplicaState, message: str, endpoint: dict[str, Any] | None = None
+    ) -> ReplicaStatus:
+        deployment = job.name.removeprefix(f"{self.settings.job_name_prefix}-")
+        return ReplicaStatus(
+            replica_id=job.job_id,
+            state=state,
+            url=endpoint.get("url") if endpoint else None,
+            host=endpoint.get("host") if endpoint else (job.nodes or None),
+            message=message,
+            labels=self._labels(deployment, job.job_id, parse_comment(job.comment)),
+            started_at=job.start_time if job.state != "PENDING" else None,
+            expires_at=job.expires_at,
+            details=self._details(job.job_id, job.name, job),
+        )
+
+    def _labels(
+        self, deployment: str, job_id: str, extra: dict[str, str] | None = None
+    ) -> dict[str, str]:
+        return {**(extra or {}), "bioengine.deployment": deployment, "slurm.job_id": job_id}
+
+    def _details(self, job_id: str, name: str | None, job: Job | None = None) -> dict[str, Any]:
+        out = self._output_file(job_id, name)
+        details: dict[str, Any] = {
+            "job_id": job_id,
+            "job_name": name,
+            "output": str(out) if out else str(self.paths.logs / f"{name or '*'}-{job_id}.out"),
+            "endpoint_file": str(self.paths.endpoints / f"{job_id}.json"),
+        }
+        if self.settings.successor_lead is not None:
+            details["successor_lead"] = self.settings.successor_lead
+        if job is not None:
+            details.update(
+                slurm_state=job.state,
+                reason=job.reason,
+                node=job.nodes,
+                partition=job.partition,
+                time_limit_s=job.time_limit_s,
+            )
+        return details
+
+    def stop(self, replica_id: str, *, grace: float = 10.0) -> None:
+        """scancel our job (TERM, then KILL after `grace` s); never touches other jobs."""
+        job = self._lookup(replica_id, fresh=True)
+        if job is None:
+            if replica_id in self._known:
+                self._mark_stopped(replica_id)
+            return
+        if not self._ours(job):
+            log.warning(
+                "not cancelling Slurm job %s (%s of %s): not a job of this deployment",
+                replica_id,
+                job.name,
+                job.user,
+            )
+            return
+        self._mark_stopped(replica_id)
+        if not job.alive and job.state != "COMPLETING":
+            return
+        self.cli.cancel(replica_id)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            job = self.cli.jobs(job_id=replica_id)
+            current = job[0] if job else None
+            if current is None or (not current.alive and current.state != "COMPLETING"):
+                break
+        else:
+            log.warning(
+                "Slurm job %s still running %.0f s after scancel: sending KILL", replica_id, grace
+            )
+            self.cli.cancel(replica_id, signal="KILL")
+        (self.paths.endpoints / f"{replica_id}.json").unlink(missing_ok=True)
+        self._invalidate()
+
+    def logs(self, replica_id: str, *, tail: int = 200) -> str:
+        """The last `tail` lines of the job's output file (launcher and tritonserver)."""
+        path = self._output_file(replica_id)
+        if path is None:
+            job = self._lookup(replica_id)
+            if job is not None and job.state == "PENDING":
+                return f"(Slurm job {replica_id} is pending ({job.reason}); no output yet)\n"
+            return f"(no output file for Slurm job {replica_id} in {self.paths.logs})\n"
+        lines = path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-tail:]) + ("\n" if lines else "")
+
+    def list(self, deployment: str) -> list[ReplicaStatus]:
+        """Alive jobs named for `deployment` of this user (adoption after a restart)."""
+        name = job_name(self.settings, deployment)
+        self._names.add(name)
+        jobs = self._jobs(0.0)
+        found = []
+        for job in sorted(jobs.values(), key=lambda j: int(j.job_id) if j.job_id.isdigit() else 0):
+            if job.name != name or not job.alive or self._stopped(job.job_id):
+                continue
+            if self.cli.user and job.user and job.user != self.cli.user:
+                continue
+            self._known.add(job.job_id)
+            found.append(self.status(job.job_id))
+        return [s for s in found if s.state.alive]
+
+    def triton_backends(self) -> list[str]:
+        """Backends of the Triton the jobs run (detected locally, or a container's)."""
+        if self.settings.container != "none":
+            return list(CONTAINER_BACKENDS)
+        try:
+            backends = find_triton(self.settings.triton_binary).backends
+        except ExecutorError:
+            return ["python"]
+        return backends or ["python"]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

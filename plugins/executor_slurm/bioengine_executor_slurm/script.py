@@ -1,0 +1,179 @@
+"""Render the batch script of one replica from a Jinja2 template the operator can read and replace."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+import jinja2
+
+from bioengine_core.contracts import ReplicaSpec
+from bioengine_core.errors import ConfigError
+
+from .settings import SlurmSettings
+
+DEFAULT_TEMPLATE = "job.sh.j2"
+DEPLOYMENT_LABEL = "bioengine.deployment"
+COMMENT_PREFIX = "bioengine:"
+_SAFE = "._-/:@"
+
+
+def default_template_text() -> str:
+    """The batch-script template shipped with the plugin."""
+    return (resources.files(__package__) / "templates" / DEFAULT_TEMPLATE).read_text()
+
+
+@dataclass
+class ScriptPaths:
+    """Where a job writes: shared by the engine host and the compute nodes."""
+
+    state_dir: Path
+
+    @property
+    def endpoints(self) -> Path:
+        """Endpoint files `<job id>.json` (written by the launcher once Triton is ready)."""
+        return self.state_dir / "endpoints"
+
+    @property
+    def logs(self) -> Path:
+        """Job output files `<job name>-<job id>.out`."""
+        return self.state_dir / "logs"
+
+    @property
+    def stopped(self) -> Path:
+        """Markers `<job id>` of jobs this executor cancelled (survive a restart of serve)."""
+        return self.state_dir / "stopped"
+
+    def ensure(self) -> None:
+        """Create the directories."""
+        for path in (self.endpoints, self.logs, self.stopped):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+def job_name(settings: SlurmSettings, deployment: str) -> str:
+    """The job name that marks a job as a replica of `deployment`."""
+    return f"{settings.job_name_prefix}-{deployment}"
+
+
+def job_comment(deployment: str, labels: dict[str, str] | None = None) -> str:
+    """The job comment: `bioengine:` and the replica's labels as `k=v,...` (percent-encoded)."""
+    merged = {DEPLOYMENT_LABEL: deployment, **(labels or {})}
+    merged[DEPLOYMENT_LABEL] = deployment
+    pairs = [f"{quote(k, safe=_SAFE)}={quote(v, safe=_SAFE)}" for k, v in merged.items()]
+    return COMMENT_PREFIX + ",".join(pairs)
+
+
+def parse_comment(comment: str) -> dict[str, str] | None:
+    """The labels in a job comment written by `job_comment`; None if it is not ours."""
+    if not comment.startswith(COMMENT_PREFIX):
+        return None
+    labels = {}
+    for pair in comment[len(COMMENT_PREFIX) :].split(","):
+        key, sep, value = pair.partition("=")
+        if sep:
+            labels[unquote(key)] = unquote(value)
+    return labels
+
+
+def gpu_option(settings: SlurmSettings, gpus: int) -> str:
+    """The #SBATCH option requesting `gpus` GPUs, or '' for none."""
+    if gpus <= 0:
+        return ""
+    typed = f"{settings.gpu_type}:{gpus}" if settings.gpu_type else str(gpus)
+    if settings.gpu_request == "gpus":
+        return f"--gpus={typed}"
+    return f"--gres=gpu:{typed}"
+
+
+def launch_command(
+    settings: SlurmSettings, spec: ReplicaSpec, paths: ScriptPaths, gpus: int
+) -> list[str]:
+    """The launcher's command line, as shell-quoted lines of one flag (and value) each."""
+    q = shlex.quote
+    python = settings.python or sys.executable
+    lines = [f"{q(python)} -m bioengine_executor_slurm.launch"]
+
+    def opt(flag: str, value: object) -> None:
+        lines.append(f"{flag} {q(str(value))}")
+
+    opt("--endpoint-dir", paths.endpoints)
+    opt("--repository", spec.repository.uri)
+    for model in spec.models:
+        opt("--model", model)
+    opt("--bind-address", settings.bind_address)
+    if settings.advertise_host:
+        opt("--advertise-host", settings.advertise_host)
+    opt("--ready-timeout", f"{settings.ready_timeout:g}")
+    if settings.container == "none":
+        if settings.triton_binary:
+            opt("--triton-binary", settings.triton_binary)
+    else:
+        opt("--container", settings.container)
+        opt("--image", settings.image)
+        for option in settings.container_options:
+            opt("--container-option", option)
+        if spec.repository.local_path is not None:
+            opt("--bind", spec.repository.local_path)
+        for name in sorted({**spec.repository.env, **spec.env}):
+            opt("--pass-env", name)
+    if gpus:
+        opt("--gpus", gpus)
+    for arg in settings.triton_args:
+        opt("--triton-arg", arg)
+    return lines
+
+
+def _environment(template_path: Path | None) -> tuple[jinja2.Environment, str, str]:
+    env = jinja2.Environment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+    )
+    env.filters["q"] = lambda value: shlex.quote(str(value))
+    if template_path is None:
+        return env, default_template_text(), f"{__package__}/templates/{DEFAULT_TEMPLATE}"
+    try:
+        text = template_path.read_text()
+    except OSError as exc:
+        raise ConfigError(
+            f"[executor] template = {str(template_path)!r}: cannot read: {exc}"
+        ) from None
+    return env, text, str(template_path)
+
+
+def render_script(
+    settings: SlurmSettings,
+    spec: ReplicaSpec,
+    paths: ScriptPaths,
+    *,
+    template_path: Path | None = None,
+) -> str:
+    """The complete batch script that `start(spec)` submits."""
+    env, text, label = _environment(template_path)
+    gpus = spec.gpus or settings.gpus
+    extra = [line.removeprefix("#SBATCH").strip() for line in settings.extra_sbatch]
+    try:
+        template = env.from_string(text)
+        return template.render(
+            s=settings,
+            spec=spec,
+            deployment=spec.deployment,
+            job_name=job_name(settings, spec.deployment),
+            comment=job_comment(spec.deployment, spec.labels),
+            output=paths.logs / "%x-%j.out",
+            gpus=gpus,
+            gpu_option=gpu_option(settings, gpus),
+            extra_sbatch=extra,
+            env_names=sorted({**spec.repository.env, **spec.env}),
+            launch=launch_command(settings, spec, paths, gpus),
+            endpoint_dir=paths.endpoints,
+            template_name=label,
+        )
+    except jinja2.TemplateError as exc:
+        raise ConfigError(f"batch-script template {label}: {exc}") from None

@@ -1,0 +1,90 @@
+"""Fixtures for the SLURM executor tests: a real cluster (.ci/start-slurm.sh), unique deployments."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from bioengine_executor_slurm import SlurmExecutor, SlurmSettings
+
+from bioengine_core.contracts import BackendContext, ReplicaSpec, RepositoryLocation
+from bioengine_core.testing.pytest_plugin import require_service
+
+# Fast polling and a local-only bind: the test cluster is this machine.
+TEST_SETTINGS = dict(
+    cpus=1,
+    time_limit="10",
+    bind_address="127.0.0.1",
+    poll_interval=0.5,
+    ready_timeout=120,
+    command_retries=2,
+)
+
+
+def slurm_works() -> bool:
+    """True when squeue answers (a controller is reachable) and sbatch exists."""
+    if not shutil.which("squeue") or not shutil.which("sbatch"):
+        return False
+    try:
+        run = subprocess.run(["squeue", "-h"], capture_output=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return run.returncode == 0
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """Require a running SLURM cluster (skip locally, fail in CI)."""
+    require_service(slurm_works(), "a SLURM cluster (run .ci/start-slurm.sh)")
+
+
+def scancel_names(*names: str) -> None:
+    """Cancel every job with one of these names (test cleanup)."""
+    for name in names:
+        subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def deployment() -> Iterator[str]:
+    """A deployment name no other test (or helper) uses; its jobs are cancelled afterwards."""
+    name = f"t{uuid.uuid4().hex[:8]}"
+    yield name
+    scancel_names(f"bioengine-{name}", f"bioengine-{name}-other")
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """An empty Triton model repository (Triton starts and is ready with no models)."""
+    path = tmp_path / "repository"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def context(tmp_path: Path, deployment: str) -> BackendContext:
+    """The engine-side context: state under tmp_path (shared with the node: same machine)."""
+    return BackendContext(deployment=deployment, state_dir=tmp_path / "state", config_dir=tmp_path)
+
+
+@pytest.fixture
+def make_executor(context: BackendContext) -> Callable[..., SlurmExecutor]:
+    """`make_executor(**overrides)`: a SlurmExecutor with the test settings."""
+
+    def make(**overrides: object) -> SlurmExecutor:
+        return SlurmExecutor(SlurmSettings(**{**TEST_SETTINGS, **overrides}), context)
+
+    return make
+
+
+@pytest.fixture
+def spec(deployment: str, repo: Path) -> ReplicaSpec:
+    """A replica over the empty repository."""
+    return ReplicaSpec(
+        deployment=deployment,
+        repository=RepositoryLocation(uri=str(repo), local_path=repo),
+        labels={"bioengine.deployment": deployment},
+    )

@@ -1,0 +1,32 @@
+#!/bin/bash
+# BioEngine: one Triton replica of deployment "lab" as a Slurm batch job.
+# Rendered from bioengine_executor_slurm/templates/job.sh.j2;
+# `bioengine slurm script --config FILE` prints it.
+#SBATCH --job-name=bioengine-lab
+#SBATCH --comment=bioengine:bioengine.deployment=lab
+#SBATCH --output=/shared/bioengine/state/logs/%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --nodes=1
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task=4
+#SBATCH --time=24:00:00
+#SBATCH --no-requeue
+#SBATCH --partition=gpu
+#SBATCH --gpus=1
+# Passed in sbatch's environment (not written here): AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+
+# Start Triton, wait until it is ready, then publish host:port in the endpoint directory.
+# The launcher forwards SIGTERM (scancel, time limit) to tritonserver.
+exec /opt/bioengine/venv/bin/python -m bioengine_executor_slurm.launch \
+    --endpoint-dir /shared/bioengine/state/endpoints \
+    --repository s3://s3.cluster.local:9000/models/lab \
+    --model unet2d_nuclei_broad \
+    --model stardist \
+    --bind-address 0.0.0.0 \
+    --ready-timeout 600 \
+    --container podman \
+    --image nvcr.io/nvidia/tritonserver:24.08-py3 \
+    --container-option --shm-size=1g \
+    --pass-env AWS_ACCESS_KEY_ID \
+    --pass-env AWS_SECRET_ACCESS_KEY \
+    --gpus 1
