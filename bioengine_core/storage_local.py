@@ -25,7 +25,12 @@ class LocalStorageSettings(BackendSettings):
 
 
 class LocalStorage(Storage):
-    """Publishes each model by copying into a hidden temp dir, then renaming into place."""
+    """Each model is a symlink `NAME -> .NAME.<id>.v`, an immutable version directory.
+
+    `put` copies into a new hidden version directory and swaps the symlink with one atomic
+    rename, so Triton and concurrent `get` calls always see one complete version; the old
+    version is removed afterwards. (A plain directory `NAME` from older layouts is replaced too.)
+    """
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -36,29 +41,54 @@ class LocalStorage(Storage):
             raise StorageError(f"invalid model name {name!r}")
         return self.root / name
 
+    def _version(self, path: Path) -> Path | None:
+        """The version directory `path` links to (None for a plain directory or nothing)."""
+        try:
+            return self.root / os.readlink(path)
+        except OSError:
+            return None
+
     def put(self, name: str, source: Path) -> None:
         target = self._dir(name)
-        tmp = self.root / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+        tag = uuid.uuid4().hex[:8]
+        version = self.root / f".{name}.{tag}.v"
         try:
-            shutil.copytree(source, tmp, symlinks=False)
+            shutil.copytree(source, version, symlinks=False)
         except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(version, ignore_errors=True)
             raise StorageError(f"cannot publish {name} to {self.root}: {exc}") from exc
-        old = None
-        if target.exists():
-            old = self.root / f".{name}.{uuid.uuid4().hex[:8]}.old"
-            os.rename(target, old)
-        os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        link = self.root / f".{name}.{tag}.lnk"
+        os.symlink(version.name, link)
+        old_version = self._version(target)
+        old_dir = None
+        if old_version is None and target.is_dir() and not target.is_symlink():
+            old_dir = self.root / f".{name}.{tag}.old"
+            os.rename(target, old_dir)
+        os.replace(link, target)
+        for old in (old_version, old_dir):
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
 
     def get(self, name: str, dest: Path) -> Path:
         src = self._dir(name)
-        if not src.is_dir():
-            raise StorageError(f"model {name!r} is not in the repository {self.root}")
         dest = Path(dest)
-        shutil.copytree(src, dest, dirs_exist_ok=True)
-        return dest
+        for _ in range(20):
+            version = self._version(src) or src
+            if not version.is_dir():
+                raise StorageError(f"model {name!r} is not in the repository {self.root}")
+            tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
+            try:
+                shutil.copytree(version, tmp)
+                # Versions are immutable and only removed after the link moved away from them:
+                # an unchanged link means the copy is one complete version.
+                if (self._version(src) or src) == version:
+                    shutil.copytree(tmp, dest, dirs_exist_ok=True)
+                    return dest
+            except OSError:
+                pass  # the version was replaced while being read: read the new one
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        raise StorageError(f"model {name!r} kept changing while being read from {self.root}")
 
     def list(self) -> list[str]:
         return sorted(
@@ -66,7 +96,13 @@ class LocalStorage(Storage):
         )
 
     def delete(self, name: str) -> None:
-        shutil.rmtree(self._dir(name), ignore_errors=True)
+        path = self._dir(name)
+        version = self._version(path)
+        if version is not None:
+            path.unlink(missing_ok=True)
+            shutil.rmtree(version, ignore_errors=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
     def location(self) -> RepositoryLocation:
         return RepositoryLocation(uri=str(self.root), local_path=self.root)
