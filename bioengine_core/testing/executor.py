@@ -41,6 +41,9 @@ The subclass name must start with `Test` so that pytest collects it. Fixtures yo
   its persistent state (state dir, cluster, namespace), standing in for a restarted engine;
 - `replica_spec`: a `ReplicaSpec` whose repository Triton can open (an empty directory is fine).
 
+They may also live in a `conftest.py`; if one is missing, pytest reports "fixture 'executor' not
+found" for every test of the suite.
+
 Class attributes tune the timeouts (`ready_timeout`, `start_timeout`, `stop_timeout`,
 `stop_grace`) and `unknown_replica_id` (an id your backend has never issued). Every replica a
 test starts is stopped afterwards through the `launch` fixture, so a failing test does not leave
@@ -97,25 +100,6 @@ class ExecutorConformance:
     """An id the backend never issued; `status()` of it must be STOPPED."""
 
     # ------------------------------------------------------------------ fixtures and helpers
-
-    @pytest.fixture
-    def executor(self) -> Executor:
-        """Override: the executor under test."""
-        pytest.fail("the conformance subclass must define an `executor` fixture", pytrace=False)
-
-    @pytest.fixture
-    def restarted_executor(self) -> Executor:
-        """Override: a fresh executor instance sharing the persistent state of `executor`."""
-        pytest.fail(
-            "the conformance subclass must define a `restarted_executor` fixture: a new "
-            "instance configured like `executor` (simulates a restarted engine)",
-            pytrace=False,
-        )
-
-    @pytest.fixture
-    def replica_spec(self) -> ReplicaSpec:
-        """Override: a ReplicaSpec whose model repository the replica can open."""
-        pytest.fail("the conformance subclass must define a `replica_spec` fixture", pytrace=False)
 
     @pytest.fixture
     def spec(self, replica_spec: ReplicaSpec) -> ReplicaSpec:

@@ -66,11 +66,6 @@ class StorageConformance:
     """How many replacements the concurrent test performs while a reader calls `get()`."""
 
     @pytest.fixture
-    def storage(self) -> Storage:
-        """Override: an empty storage under test."""
-        pytest.fail("the conformance subclass must define a `storage` fixture", pytrace=False)
-
-    @pytest.fixture
     def sources(self, tmp_path: Path) -> dict[str, Path]:
         """Two versions of a model directory on disk, to publish."""
         return {

@@ -1,0 +1,52 @@
+"""Fixtures for the local executor tests: a state dir per test, an empty model repository."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from bioengine_core.contracts import BackendContext, ReplicaSpec, RepositoryLocation
+from bioengine_core.errors import ExecutorError
+from bioengine_core.testing.pytest_plugin import require_service
+from bioengine_core.triton import find_triton
+
+
+def triton_available() -> bool:
+    """True when a real tritonserver can be found (PATH or the nvidia-pytriton wheel)."""
+    try:
+        find_triton()
+    except ExecutorError:
+        return False
+    return True
+
+
+@pytest.fixture
+def triton() -> None:
+    """Require the real tritonserver binary (skip locally, fail in CI)."""
+    require_service(
+        triton_available(), "tritonserver (pip install 'bioengine-executor-local[triton]')"
+    )
+
+
+@pytest.fixture
+def deployment() -> str:
+    """A deployment name unique to the test, so parallel or leftover replicas never mix."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def context(tmp_path: Path, deployment: str) -> BackendContext:
+    """A backend context with its own state dir."""
+    state = tmp_path / "state"
+    state.mkdir()
+    return BackendContext(deployment=deployment, state_dir=state, config_dir=tmp_path)
+
+
+@pytest.fixture
+def replica_spec(tmp_path: Path, deployment: str) -> ReplicaSpec:
+    """A spec over an empty Triton model repository (enough for the server to become ready)."""
+    repo = tmp_path / "repository"
+    repo.mkdir()
+    return ReplicaSpec(deployment=deployment, repository=RepositoryLocation(str(repo), repo))
