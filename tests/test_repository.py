@@ -133,6 +133,107 @@ def tiny_expected(folder: Path, x: np.ndarray) -> np.ndarray:
         return torch.sigmoid(net(pre)).numpy().astype("float32")
 
 
+def make_tiny_v05(folder: Path, *, normalize: bool) -> Path:
+    """Write a format-0.5 package that accepts any batch size and sizes 16+k*16.
+
+    With `normalize`, inputs get zero_mean_unit_variance over (channel, y, x), i.e. per sample.
+    """
+    torch = pytest.importorskip("torch")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tiny_arch.py").write_text(TINY_ARCH)
+    namespace: dict = {}
+    exec(TINY_ARCH, namespace)
+    torch.manual_seed(1)
+    net = namespace["TinyNet"]().eval()
+    torch.save(net.state_dict(), folder / "weights_state.pt")
+    torch.jit.trace(net, torch.zeros(1, 1, 16, 16)).save(str(folder / "weights_ts.pt"))
+    x = np.random.default_rng(3).normal(5.0, 2.0, size=(2, 1, 32, 48)).astype("float32")
+    np.save(folder / "test_input.npy", x)
+    np.save(folder / "test_output.npy", tiny05_expected(folder, x, normalize=normalize))
+    (folder / "README.md").write_text("# tiny 0.5\nA 3x3 convolution for BioEngine's tests.\n")
+
+    def axes(ref: str | None) -> list[dict]:
+        def size(axis_id: str) -> dict:
+            return {"tensor_id": ref, "axis_id": axis_id} if ref else {"min": 16, "step": 16}
+
+        return [
+            {"type": "batch"},
+            {"type": "channel", "channel_names": ["c0"]},
+            {"type": "space", "id": "y", "size": size("y")},
+            {"type": "space", "id": "x", "size": size("x")},
+        ]
+
+    pre = [{"id": "zero_mean_unit_variance", "kwargs": {"axes": ["channel", "y", "x"]}}]
+    rdf = {
+        "format_version": "0.5.4",
+        "type": "model",
+        "name": "tiny conv v05",
+        "description": "a 3x3 convolution for tests",
+        "authors": [{"name": "BioEngine tests"}],
+        "cite": [{"text": "none", "url": "https://example.com"}],
+        "documentation": "README.md",
+        "license": "MIT",
+        "tags": ["test"],
+        "timestamp": "2024-01-01T00:00:00",
+        "inputs": [
+            {
+                "id": "image",
+                "axes": axes(None),
+                "data": {"type": "float32"},
+                "test_tensor": {
+                    "source": "test_input.npy",
+                    "sha256": _sha(folder / "test_input.npy"),
+                },
+                "preprocessing": pre if normalize else [],
+            }
+        ],
+        "outputs": [
+            {
+                "id": "mask",
+                "axes": axes("image"),
+                "data": {"type": "float32"},
+                "test_tensor": {
+                    "source": "test_output.npy",
+                    "sha256": _sha(folder / "test_output.npy"),
+                },
+            }
+        ],
+        "weights": {
+            "pytorch_state_dict": {
+                "source": "weights_state.pt",
+                "sha256": _sha(folder / "weights_state.pt"),
+                "architecture": {
+                    "source": "tiny_arch.py",
+                    "callable": "TinyNet",
+                    "sha256": _sha(folder / "tiny_arch.py"),
+                },
+                "pytorch_version": "2.13",
+            },
+            "torchscript": {
+                "source": "weights_ts.pt",
+                "sha256": _sha(folder / "weights_ts.pt"),
+                "parent": "pytorch_state_dict",
+                "pytorch_version": "2.13",
+            },
+        },
+    }
+    (folder / "bioimageio.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
+    return folder
+
+
+def tiny05_expected(folder: Path, x: np.ndarray, *, normalize: bool) -> np.ndarray:
+    """conv(x), after per-sample (x - mean) / (std + 1e-6) when `normalize`, in plain numpy/torch."""
+    import torch  # noqa: PLC0415
+
+    if normalize:
+        mean = x.mean(axis=(1, 2, 3), keepdims=True)
+        std = x.std(axis=(1, 2, 3), keepdims=True)
+        x = ((x - mean) / (std + 1e-6)).astype("float32")
+    net = torch.jit.load(str(folder / "weights_ts.pt"))
+    with torch.no_grad():
+        return net(torch.from_numpy(x)).numpy().astype("float32")
+
+
 def unet_without_processing(folder: Path) -> Path:
     """A copy of unet2d_nuclei_broad whose description has no pre/post-processing."""
     shutil.copytree(UNET, folder)
@@ -176,6 +277,12 @@ def unet():
 @pytest.fixture(scope="module")
 def unet_plain(tmp_path_factory):
     return load_package(unet_without_processing(tmp_path_factory.mktemp("plain") / "unet_plain"))
+
+
+@pytest.fixture(scope="module")
+def tiny05_plain(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny05") / "tiny05"
+    return load_package(make_tiny_v05(folder, normalize=False))
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +350,26 @@ def test_native_pytorch_configs_match_golden(unet_plain, tmp_path):
     assert (inner / "1" / "model.pt").is_file()
 
 
+def test_native_pytorch_with_dynamic_batching_matches_golden(tiny05_plain, tmp_path):
+    built = build_triton_model(
+        tiny05_plain, tmp_path, available_backends=("python", "pytorch"), max_batch_size=16
+    )
+    assert (built.backend, built.weight_format) == ("pytorch", "torchscript")
+    _check_golden(
+        "native_pytorch_batching_ensemble.pbtxt", (built.path / "config.pbtxt").read_text()
+    )
+    inner = (tmp_path / built.composing[0] / "config.pbtxt").read_text()
+    _check_golden("native_pytorch_batching_model.pbtxt", inner)
+    assert "dynamic_batching" in inner and "max_batch_size: 16" in inner
+
+
+def test_no_batch_axis_means_max_batch_size_zero(tiny05_plain, tmp_path):
+    built = build_triton_model(tiny05_plain, tmp_path, backend="python", max_batch_size=0)
+    cfg = _parse_model_config((built.path / "config.pbtxt").read_text())
+    assert cfg.max_batch_size == 0 and list(cfg.input[0].dims) == [-1, 1, -1, -1]
+    assert not cfg.HasField("dynamic_batching")
+
+
 def test_auto_uses_python_backend_when_the_model_has_processing(unet, tmp_path):
     built = build_triton_model(
         unet, tmp_path, available_backends=("python", "onnxruntime", "pytorch")
@@ -293,11 +420,12 @@ def _free_port() -> int:
 class Served:
     """A running tritonserver with the test models loaded."""
 
-    def __init__(self, url: str, tiny_dir: Path):
+    def __init__(self, url: str, tiny_dir: Path, tiny05_dir: Path):
         import tritonclient.http as httpclient  # noqa: PLC0415
 
         self.url = url
         self.tiny_dir = tiny_dir
+        self.tiny05_dir = tiny05_dir
         self.http = httpclient
         self.client = httpclient.InferenceServerClient(url.removeprefix("http://"), concurrency=4)
 
@@ -319,11 +447,13 @@ def triton(tmp_path_factory, unet):
     repo = tmp_path_factory.mktemp("repository")
     tiny_dir = make_tiny_v04(tmp_path_factory.mktemp("pkg") / "tiny")
     tiny_pkg = load_package(tiny_dir)
+    tiny05_dir = make_tiny_v05(tmp_path_factory.mktemp("pkg05") / "tiny05", normalize=True)
     built = [
         build_triton_model(unet, repo, weight_format="onnx", name="unet_onnx"),
         build_triton_model(unet, repo, weight_format="torchscript", name="unet_torchscript"),
         build_triton_model(tiny_pkg, repo, name="tiny04"),
         build_triton_model(tiny_pkg, repo, weight_format="pytorch_state_dict", name="tiny04_sd"),
+        build_triton_model(load_package(tiny05_dir), repo, name="tiny05"),
     ]
     http_port = _free_port()
     args = triton_args(
@@ -343,7 +473,7 @@ def triton(tmp_path_factory, unet):
     try:
         if not wait_ready(url, timeout=180):
             pytest.fail(f"tritonserver not ready; log:\n{log_path.read_text()[-4000:]}")
-        served = Served(url, tiny_dir)
+        served = Served(url, tiny_dir, tiny05_dir)
         yield served
     finally:
         if served is not None:
@@ -392,6 +522,22 @@ def test_format_04_package_serves_with_processing_applied_once(triton, model):
         tiny_expected(triton.tiny_dir, bigger),
         atol=1e-5,
         rtol=1e-5,
+    )
+
+
+@pytest.mark.triton
+def test_format_05_batch_runs_at_once_with_per_sample_normalization(triton):
+    x = np.load(triton.tiny05_dir / "test_input.npy")
+    expected = np.load(triton.tiny05_dir / "test_output.npy")
+    np.testing.assert_allclose(
+        triton.infer("tiny05", "image", x, "mask"), expected, atol=1e-4, rtol=1e-4
+    )
+    x3 = np.random.default_rng(4).normal(0, 30, size=(3, 1, 16, 64)).astype("float32")
+    np.testing.assert_allclose(
+        triton.infer("tiny05", "image", x3, "mask"),
+        tiny05_expected(triton.tiny05_dir, x3, normalize=True),
+        atol=1e-4,
+        rtol=1e-4,
     )
 
 
