@@ -83,6 +83,8 @@ class BuiltModel:
     """The model directory (dest/<name>)."""
     composing: list[str] = field(default_factory=list)
     """Other model directories the model needs (the native model behind an ensemble)."""
+    max_batch_size: int = 0
+    """Triton's max_batch_size: >0 means clients send the batch axis as the first dimension."""
 
 
 def default_python_paths() -> list[str]:
@@ -330,7 +332,13 @@ def _build_python(
         gpus=gpus,
     )
     (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
-    return BuiltModel(name=name, backend="python", weight_format=weight_format, path=model_dir)
+    return BuiltModel(
+        name=name,
+        backend="python",
+        weight_format=weight_format,
+        path=model_dir,
+        max_batch_size=max_batch_size if batched else 0,
+    )
 
 
 def _onnx_io(path: Path) -> tuple[list[str], list[str], list[object]]:
@@ -428,4 +436,5 @@ def _build_native(
         weight_format=weight_format,
         path=outer_dir,
         composing=[inner],
+        max_batch_size=mbs,
     )

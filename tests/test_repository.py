@@ -27,6 +27,8 @@ from bioengine_core.repository import build_triton_model
 from bioengine_core.testing.pytest_plugin import require_service
 from bioengine_core.triton import find_triton, triton_args, wait_ready
 
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+
 ROOT = Path(__file__).resolve().parents[1]
 UNET = ROOT / "models" / "unet2d_nuclei_broad"
 GOLDEN = Path(__file__).parent / "golden" / "repository"
@@ -297,6 +299,7 @@ def test_onnx_python_config_matches_golden(unet, tmp_path):
         "python",
         "onnx",
     )
+    assert built.max_batch_size == 8
     _check_golden("onnx_python.pbtxt", (built.path / "config.pbtxt").read_text())
     version = built.path / "1"
     assert (version / "model.py").is_file()
@@ -332,6 +335,7 @@ def test_native_onnxruntime_configs_match_golden(unet_plain, tmp_path):
     )
     assert (built.backend, built.weight_format) == ("onnxruntime", "onnx")
     assert built.composing == ["unet_plain__onnxruntime"]
+    assert built.max_batch_size == 0  # the ONNX graph fixes the batch size to 1
     _check_golden("native_onnxruntime_ensemble.pbtxt", (built.path / "config.pbtxt").read_text())
     inner = tmp_path / built.composing[0]
     _check_golden("native_onnxruntime_model.pbtxt", (inner / "config.pbtxt").read_text())

@@ -114,6 +114,13 @@ class TritonPythonModel:
         self.pipeline.load()
         self.inputs = SETTINGS["inputs"]
         self.outputs = SETTINGS["outputs"]
+        home = os.path.dirname(os.path.dirname(os.path.abspath(np.__file__)))
+        wanted = [os.path.abspath(p) for p in SETTINGS.get("python_paths") or []]
+        if wanted and home not in wanted:
+            pb_utils.Logger.log_warn(
+                f"bioengine: model '{MODEL_ID}' imported numpy from {home}, not from the serving "
+                f"environment {wanted}: numpy was imported before model.py could set sys.path"
+            )
         pb_utils.Logger.log_info(
             f"bioengine: model '{MODEL_ID}' ready with {weight_format} weights on {devices[0]} "
             f"(numpy {np.__version__} from {os.path.dirname(np.__file__)})"
