@@ -182,7 +182,7 @@ class ContainerExecutor(Executor):
     def preview(self, spec: ReplicaSpec) -> str:
         """The `run` command start(spec) executes; host ports are chosen free at start."""
         argv, _ = container_run_command(
-            self.settings, spec, "<replica-id>", {"http": 8000, "grpc": 8001, "metrics": 8002}
+            self.settings, spec, "REPLICA_ID", {"http": 8000, "grpc": 8001, "metrics": 8002}
         )
         return "# host ports 8000-8002 stand for the free ports chosen at start\n" + shlex.join(
             argv
