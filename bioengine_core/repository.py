@@ -165,19 +165,24 @@ def build_triton_model(
     python_paths: Sequence[str] | None = None,
     name: str | None = None,
     gpus: Sequence[int] | None = None,
+    execution_env: str | None = None,
 ) -> BuiltModel:
     """Write the Triton model directory (or ensemble) for `pkg` into repository `dest`.
 
     backend: "auto" (native when available and the model has no processing, else python),
     "native" or "python". `name` overrides the model name (default: the package id); `gpus`
-    places instances on these GPU indices instead of one CPU instance.
+    places instances on these GPU indices instead of one CPU instance. `execution_env` (python
+    backend only) is a conda-pack archive/directory Triton activates for the stub
+    (EXECUTION_ENV_PATH), for Triton containers whose own Python lacks bioimageio.core.
     """
     chosen, wf = _choose(pkg, weight_format, backend, list(available_backends))
     model_name = safe_model_name(name or pkg.id)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     if chosen == "python":
-        return _build_python(pkg, dest, model_name, wf, max_batch_size, python_paths, gpus)
+        return _build_python(
+            pkg, dest, model_name, wf, max_batch_size, python_paths, gpus, execution_env
+        )
     return _build_native(pkg, dest, model_name, chosen, wf, max_batch_size, gpus)
 
 
@@ -304,6 +309,7 @@ def _build_python(
     max_batch_size: int,
     python_paths: Sequence[str] | None,
     gpus: Sequence[int] | None,
+    execution_env: str | None = None,
 ) -> BuiltModel:
     """Python-backend model: model.py + settings + the whole package under 1/package/."""
     batched = _batching([*pkg.inputs, *pkg.outputs]) and max_batch_size > 0
@@ -330,6 +336,7 @@ def _build_python(
         outputs=[(s.id, _dtype(pkg, s), _dims(s, batched)) for s in pkg.outputs],
         dynamic_batching=batched,
         gpus=gpus,
+        parameters={"EXECUTION_ENV_PATH": execution_env} if execution_env else None,
     )
     (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
     return BuiltModel(

@@ -328,6 +328,13 @@ def test_gpu_instance_group(unet, tmp_path):
     assert list(cfg.instance_group[0].gpus) == [0, 1]
 
 
+def test_execution_env_parameter(unet, tmp_path):
+    built = build_triton_model(unet, tmp_path, execution_env="$$TRITON_MODEL_DIRECTORY/env.tar.gz")
+    cfg = _parse_model_config((built.path / "config.pbtxt").read_text())
+    param = cfg.parameters["EXECUTION_ENV_PATH"].string_value
+    assert param == "$$TRITON_MODEL_DIRECTORY/env.tar.gz"
+
+
 def test_native_onnxruntime_configs_match_golden(unet_plain, tmp_path):
     pytest.importorskip("onnxruntime")
     built = build_triton_model(
