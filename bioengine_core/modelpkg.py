@@ -126,9 +126,15 @@ def _format_invalid(descr: Any, rdf_path: Path) -> str:
     lines = [f"invalid bioimage.io model package {rdf_path}:"]
     summary = getattr(descr, "validation_summary", None)
     errors = getattr(summary, "errors", None) or []
-    for err in errors[:20]:
-        loc = ".".join(str(p) for p in getattr(err, "loc", ()) if p is not None)
-        lines.append(f"  - {loc or '(root)'}: {getattr(err, 'msg', err)}")
+    seen = set()
+    for err in errors:
+        # drop pydantic's union-member names ("function-after[...]", "RelativeFilePath") from paths
+        parts = [str(p) for p in getattr(err, "loc", ()) if p is not None]
+        loc = ".".join(p for p in parts if "[" not in p and not p[:1].isupper())
+        line = f"  - {loc or '(root)'}: {getattr(err, 'msg', err)}"
+        if line not in seen and len(seen) < 20:
+            seen.add(line)
+            lines.append(line)
     if not errors and summary is not None:
         lines.append(str(summary.format())[:2000])
     return "\n".join(lines)
