@@ -9,13 +9,13 @@ import os
 import sys
 
 import pytest
+from bioengine_executor_ssh import SshExecutor, SshSettings
 
 from bioengine_core.contracts import BackendContext, ReplicaSpec, RepositoryLocation
 from bioengine_core.errors import BioEngineError
 from bioengine_core.testing.executor import ExecutorConformance
 from bioengine_core.testing.pytest_plugin import require_service
 from bioengine_core.triton import find_triton
-from bioengine_executor_ssh import SshExecutor, SshSettings
 
 HOST = os.environ.get("BIOENGINE_SSH_HOST", "127.0.0.1")
 PORT = int(os.environ.get("BIOENGINE_SSH_PORT", "2222"))
