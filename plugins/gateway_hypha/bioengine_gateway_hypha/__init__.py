@@ -1,0 +1,5 @@
+"""BioEngine gateway plugin: the BioEngine service on an embedded or remote Hypha server."""
+
+from .settings import HyphaGatewaySettings
+
+__all__ = ["HyphaGatewaySettings"]

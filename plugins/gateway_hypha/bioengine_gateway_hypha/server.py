@@ -1,0 +1,166 @@
+"""The embedded Hypha server: `python -m hypha.server` as a managed child process."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiohttp
+
+from bioengine_core.errors import BioEngineError
+
+log = logging.getLogger("bioengine.gateway.hypha")
+
+
+class HyphaServerError(BioEngineError):
+    """The embedded Hypha server could not be started."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free on `host` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def hypha_installed() -> bool:
+    """True if the Hypha server package can be imported by this interpreter."""
+    import importlib.util
+
+    return importlib.util.find_spec("hypha") is not None
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Ask Linux to SIGTERM the child when the engine process dies (no orphaned servers)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class EmbeddedHyphaServer:
+    """Starts, watches and stops one local Hypha server bound to `host:port`."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_path: Path,
+        extra_args: Sequence[str] = (),
+        public_url: str | None = None,
+        root_token: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.log_path = log_path
+        self.extra_args = list(extra_args)
+        self.public_url = public_url
+        # Strong random root token, handed to the child through its environment (not argv).
+        self.root_token = root_token or secrets.token_urlsafe(32)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL of the server as this host reaches it."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    def command(self) -> list[str]:
+        """The command line that starts the server (no secrets in it)."""
+        cmd = [
+            sys.executable,
+            "-m",
+            "hypha.server",
+            "--from-env",
+            f"--host={self.host}",
+            f"--port={self.port}",
+        ]
+        if self.public_url:
+            cmd.append(f"--public-base-url={self.public_url}")
+        return cmd + self.extra_args
+
+    def running(self) -> bool:
+        """True while the child process is alive."""
+        return self.process is not None and self.process.poll() is None
+
+    async def start(self, timeout: float = 180.0) -> None:
+        """Start the child and wait until `/health/readiness` answers 200."""
+        if self.running():
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env["HYPHA_ROOT_TOKEN"] = self.root_token
+        env.setdefault("HYPHA_LOGLEVEL", "WARNING")
+        logfile = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        try:
+            # Popen from the event-loop thread: PDEATHSIG follows the thread that forked.
+            self.process = subprocess.Popen(
+                self.command(),
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        finally:
+            logfile.close()
+        log.info("embedded Hypha server starting (pid %d) at %s", self.process.pid, self.url)
+        await self.wait_ready(timeout)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Poll the readiness endpoint; HyphaServerError with the log tail on exit or timeout."""
+        deadline = time.monotonic() + timeout
+        probe = aiohttp.ClientTimeout(total=2)
+        async with aiohttp.ClientSession(timeout=probe) as session:
+            while True:
+                if self.process is not None and self.process.poll() is not None:
+                    raise HyphaServerError(
+                        f"embedded Hypha server exited with code {self.process.returncode} "
+                        f"before it was ready; log {self.log_path}:\n{self.log_tail()}"
+                    )
+                try:
+                    async with session.get(self.url + "/health/readiness") as resp:
+                        if resp.status == 200:
+                            return
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    pass
+                if time.monotonic() > deadline:
+                    await self.stop()
+                    raise HyphaServerError(
+                        f"embedded Hypha server not ready after {timeout:.0f} s; "
+                        f"log {self.log_path}:\n{self.log_tail()}"
+                    )
+                await asyncio.sleep(0.5)
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines the server wrote."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after `grace` seconds. Idempotent."""
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        deadline = time.monotonic() + grace
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if proc.poll() is None:
+            proc.kill()
+            await asyncio.to_thread(proc.wait, 5)
+        log.info("embedded Hypha server stopped")
