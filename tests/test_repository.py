@@ -435,6 +435,7 @@ class Served:
         import tritonclient.http as httpclient  # noqa: PLC0415
 
         self.url = url
+        self.log_path: Path | None = None
         self.tiny_dir = tiny_dir
         self.tiny05_dir = tiny05_dir
         self.http = httpclient
@@ -485,6 +486,7 @@ def triton(tmp_path_factory, unet):
         if not wait_ready(url, timeout=180):
             pytest.fail(f"tritonserver not ready; log:\n{log_path.read_text()[-4000:]}")
         served = Served(url, tiny_dir, tiny05_dir)
+        served.log_path = log_path
         yield served
     finally:
         if served is not None:
@@ -595,3 +597,15 @@ def test_wrong_shape_and_dtype_are_clear_errors_and_the_server_keeps_serving(tri
         atol=1e-4,
         rtol=1e-4,
     )
+
+
+@pytest.mark.triton
+def test_models_import_numpy_from_the_serving_environment(triton):
+    import numpy  # noqa: PLC0415
+
+    log = triton.log_path.read_text()
+    home = str(Path(numpy.__file__).resolve().parent)
+    for model in ("unet_onnx", "unet_torchscript", "tiny04", "tiny04_sd", "tiny05"):
+        assert f"model '{model}' ready" in log
+    assert f"from {home})" in log
+    assert "imported numpy from" not in log
