@@ -257,7 +257,7 @@ class HyphaGateway(Gateway):
         try:
             await asyncio.wait_for(
                 self._server.get_service_info(self._service_ids["runner"]),
-                max(2.0, self.settings.health_interval * 2),
+                max(1.0, self.settings.health_interval * 2),
             )
             return True
         except Exception as exc:
