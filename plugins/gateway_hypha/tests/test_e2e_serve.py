@@ -1,0 +1,234 @@
+"""End-to-end: `bioengine serve` with an embedded Hypha server and the real unet2d_nuclei_broad.
+
+A hypha-rpc client in this (other) process lists the models, reproduces the model's test output
+through `infer` and the triton-client `execute`, and `test()` passes; `bioengine status` shows
+the Hypha gateway connected.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bioengine_gateway_hypha.client import BioEngineClient
+from bioengine_gateway_hypha.server import hypha_installed
+from hypha_rpc import connect_to_server
+
+from bioengine_core.testing.pytest_plugin import require_service
+
+pytestmark = [pytest.mark.hypha, pytest.mark.triton]
+
+ROOT = Path(__file__).resolve().parents[3]
+MODEL = ROOT / "models" / "unet2d_nuclei_broad"
+MODEL_ID = "unet2d_nuclei_broad"
+BIN = Path(sys.executable).parent
+ADMIN = "e2e-admin-secret-abcdefghijklmnopqrstuvwxyz"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _triton_available() -> bool:
+    try:
+        from bioengine_core.triton import find_triton
+
+        find_triton()
+        return True
+    except Exception:
+        return False
+
+
+def write_config(tmp: Path, *, http_port: int, hypha_port: int) -> Path:
+    """A site config: local executor, HTTP gateway, and an embedded Hypha gateway."""
+    text = f"""
+[engine]
+name = "hypha-e2e"
+state_dir = "{tmp / "state"}"
+replicas = 1
+health_interval = 0.5
+stop_grace = 5
+
+[executor]
+kind = "local"
+mode = "process"
+
+[storage]
+kind = "local"
+
+[gateways.http]
+kind = "http"
+port = {http_port}
+
+[gateways.hypha]
+kind = "hypha"
+embedded = true
+port = {hypha_port}
+admin_token_env = "E2E_HYPHA_ADMIN"
+health_interval = 1.0
+
+[[models]]
+source = "folder:{MODEL}"
+"""
+    path = tmp / "site.toml"
+    path.write_text(text)
+    return path
+
+
+class ServeProcess:
+    """`bioengine serve --config FILE` in a subprocess, output collected."""
+
+    def __init__(self, config: Path) -> None:
+        self.lines: list[str] = []
+        env = {**os.environ, "COLUMNS": "200", "E2E_HYPHA_ADMIN": ADMIN}
+        self.proc = subprocess.Popen(
+            [str(BIN / "bioengine"), "serve", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_serving(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "is serving" in self.output:
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited ({self.proc.returncode}):\n{self.output}")
+            time.sleep(0.3)
+        raise AssertionError(f"serve not ready in {timeout} s:\n{self.output}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    require_service(hypha_installed(), "the Hypha server package (hypha[s3])")
+    require_service(_triton_available(), "the tritonserver binary (nvidia-pytriton)")
+    tmp = tmp_path_factory.mktemp("hypha-e2e")
+    http_port, hypha_port = _free_port(), _free_port()
+    config = write_config(tmp, http_port=http_port, hypha_port=hypha_port)
+    serve = ServeProcess(config)
+    try:
+        serve.wait_serving()
+        yield {
+            "hypha": f"http://127.0.0.1:{hypha_port}",
+            "http": f"http://127.0.0.1:{http_port}",
+            "config": config,
+            "serve": serve,
+        }
+    finally:
+        code = serve.stop()
+        print(serve.output)
+        assert code == 0, serve.output
+
+
+@pytest.fixture
+async def client(served):
+    server = await connect_to_server({"server_url": served["hypha"]})
+    yield server
+    await server.disconnect()
+
+
+async def test_lists_infers_and_tests_the_real_model(served, client):
+    svc = await client.get_service("bioengine/bioengine")
+    models = await svc.list_models()
+    assert [m["id"] for m in models] == [MODEL_ID]
+    x = np.load(MODEL / "test_input.npy")
+    y = np.load(MODEL / "test_output.npy")
+    tensor_in = models[0]["inputs"][0]["id"]
+    tensor_out = models[0]["outputs"][0]["id"]
+    out = await svc.infer(MODEL_ID, {tensor_in: x})
+    np.testing.assert_allclose(out[tensor_out], y, atol=1e-4, rtol=1e-4)
+    out = await svc.infer(MODEL_ID, [x])
+    np.testing.assert_allclose(out[tensor_out], y, atol=1e-4, rtol=1e-4)
+    report = await svc.test(MODEL_ID)
+    assert report["passed"] is True, report
+    assert (await svc.get_model_rdf(MODEL_ID))["name"]
+
+
+async def test_triton_client_execute_as_existing_clients_send_it(served, client):
+    triton = await client.get_service("bioengine/triton-client")
+    x = np.load(MODEL / "test_input.npy")
+    y = np.load(MODEL / "test_output.npy")
+    answer = await triton.execute(
+        inputs=[{"model_id": MODEL_ID, "inputs": [x], "return_rdf": True, "weight_format": None}],
+        model_name="bioengine-model-runner",
+    )
+    result = answer["result"]
+    assert result["success"] is True, result
+    np.testing.assert_allclose(result["outputs"][0], y, atol=1e-4, rtol=1e-4)
+    assert result["execution_time"] > 0 and result["rdf"]["name"]
+    direct = await triton.execute(inputs=[x], model_name=MODEL_ID)
+    np.testing.assert_allclose(next(iter(direct.values())), y, atol=1e-4, rtol=1e-4)
+
+
+async def test_direct_path_reproduces_the_test_output(served, client):
+    engine = BioEngineClient(await client.get_service("bioengine/bioengine"))
+    try:
+        x = np.load(MODEL / "test_input.npy")
+        out = await engine.infer(MODEL_ID, [x])
+        np.testing.assert_allclose(
+            next(iter(out.values())), np.load(MODEL / "test_output.npy"), atol=1e-4, rtol=1e-4
+        )
+        assert engine.direct is True
+    finally:
+        await engine.close()
+
+
+async def test_administration_needs_authorisation(served, client):
+    svc = await client.get_service("bioengine/bioengine")
+    with pytest.raises(Exception, match="PermissionError"):
+        await svc.scale(2)
+    with pytest.raises(Exception, match="PermissionError"):
+        await svc.unload_model(MODEL_ID)
+    assert [m["id"] for m in await svc.list_models()] == [MODEL_ID]
+    # The operator's admin secret authorises the same call.
+    assert await svc.scale(1, admin_token=ADMIN) == {"replicas": 1}
+
+
+def test_bioengine_status_shows_the_hypha_gateway(served):
+    result = subprocess.run(
+        [str(BIN / "bioengine"), "status", "--url", served["http"], "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    import json
+
+    hypha = json.loads(result.stdout)["gateways"]["hypha"]
+    assert hypha["kind"] == "hypha" and hypha["state"] == "connected"
+    assert hypha["url"] == served["hypha"]
+    assert hypha["services"]["bioengine-model-runner"] == "bioengine/bioengine"
