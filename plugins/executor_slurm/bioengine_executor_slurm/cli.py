@@ -67,6 +67,7 @@ def script(
     try:
         executor, spec = build_spec_and_executor(config, list(model or []))
         text = executor.preview(spec)
+        executor.paths.ensure()  # the output directory must exist when the job starts
     except ConfigError as exc:
         raise _fail("invalid configuration:\n  - " + "\n  - ".join(exc.problems)) from None
     except BioEngineError as exc:

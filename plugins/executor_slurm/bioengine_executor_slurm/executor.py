@@ -32,6 +32,14 @@ from .slurm import END_MESSAGES, Job, SlurmCLI, explain_reason, sbatch_hint
 
 log = logging.getLogger(__name__)
 
+# Why Slurm says a job failed, in words.
+FAILURE_REASONS = {
+    "JobLaunchFailure": "Slurm could not launch the batch script; is the state_dir (job output "
+    "directory) present and shared with the compute node?",
+    "RaisedSignal": "the launcher died from a signal",
+    "OutOfMemory": "the job exceeded its memory (raise [executor] memory)",
+}
+
 # Native backends of NVIDIA's Triton container images.
 CONTAINER_BACKENDS = ["onnxruntime", "python", "pytorch", "tensorrt"]
 
@@ -170,7 +178,20 @@ class SlurmExecutor(Executor):
             if endpoint is not None or self._exit(replica_id) is not None:
                 # Triton stopped answering or ended: ask Slurm afresh whether the job ended.
                 job = self._lookup(replica_id, fresh=True) or job
+        if job is not None and not self._stopped(replica_id):
+            if job.state == "COMPLETING":
+                job = self._settle(replica_id, job, {"COMPLETING"})
+            elif job.state == "RUNNING" and self._exit(replica_id) is not None:
+                job = self._settle(replica_id, job, {"RUNNING", "COMPLETING"})
         return self._classify(replica_id, job)
+
+    def _settle(self, job_id: str, job: Job, states: set[str], timeout: float = 3.0) -> Job:
+        """Wait briefly for an ending job's final state (CANCELLED, TIMEOUT, ...): it says why."""
+        deadline = time.monotonic() + timeout
+        while job.state in states and time.monotonic() < deadline:
+            time.sleep(0.5)
+            job = self._lookup(job_id, fresh=True) or job
+        return job
 
     def _classify(self, job_id: str, job: Job | None) -> ReplicaStatus:
         stopped = self._stopped(job_id)
@@ -228,6 +249,9 @@ class SlurmExecutor(Executor):
         parts = [f"Slurm job {job_id} {job.state}: {why}"]
         if job.exit_code not in (None, 0):
             parts.append(f"exit code {job.exit_code}")
+        if job.reason and job.reason not in ("None", "NonZeroExitCode"):
+            hint = FAILURE_REASONS.get(job.reason, "")
+            parts.append(f"Slurm reason {job.reason}" + (f" ({hint})" if hint else ""))
         if exit_info is not None and exit_info.get("reason"):
             parts.append(f"launcher: {exit_info['reason']}")
         return self._status(job, ReplicaState.FAILED, "; ".join(parts))

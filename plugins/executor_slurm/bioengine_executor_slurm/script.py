@@ -98,7 +98,9 @@ def launch_command(
     lines = [f"{q(python)} -m bioengine_executor_slurm.launch"]
 
     def opt(flag: str, value: object) -> None:
-        lines.append(f"{flag} {q(str(value))}")
+        text = str(value)
+        # `--flag=--value` keeps argparse from reading a value that starts with '-' as a flag.
+        lines.append(q(f"{flag}={text}") if text.startswith("-") else f"{flag} {q(text)}")
 
     opt("--endpoint-dir", paths.endpoints)
     opt("--repository", spec.repository.uri)

@@ -183,6 +183,8 @@ def job_from_json(item: dict[str, Any]) -> Job:
     exit_code = item.get("exit_code")
     if isinstance(exit_code, dict):  # newer Slurm: {"status": [...], "return_code": N}
         exit_code = _number(exit_code.get("return_code"))
+    elif isinstance(exit_code, int) and exit_code > 255:  # v0.0.38: a raw wait status
+        exit_code = exit_code >> 8
     return Job(
         job_id=str(item.get("job_id", "")),
         name=item.get("name", "") or "",

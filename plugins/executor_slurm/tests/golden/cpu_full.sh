@@ -35,4 +35,4 @@ exec /opt/bioengine/venv/bin/python -m bioengine_executor_slurm.launch \
     --advertise-host node-ib.cluster.local \
     --ready-timeout 600 \
     --triton-binary /opt/tritonserver/bin/tritonserver \
-    --triton-arg --log-verbose=1
+    --triton-arg=--log-verbose=1

@@ -26,7 +26,7 @@ exec /opt/bioengine/venv/bin/python -m bioengine_executor_slurm.launch \
     --ready-timeout 600 \
     --container podman \
     --image nvcr.io/nvidia/tritonserver:24.08-py3 \
-    --container-option --shm-size=1g \
+    --container-option=--shm-size=1g \
     --pass-env AWS_ACCESS_KEY_ID \
     --pass-env AWS_SECRET_ACCESS_KEY \
     --gpus 1
