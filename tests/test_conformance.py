@@ -65,6 +65,7 @@ from bioengine_core.testing.memory import BrokenExecutor, MemoryExecutor
 class TestBroken(ExecutorConformance):
     ready_timeout = 3.0
     stop_timeout = 1.0
+    poll_interval = 0.05
 
     @pytest.fixture
     def namespace(self):
@@ -74,11 +75,11 @@ class TestBroken(ExecutorConformance):
 
     @pytest.fixture
     def executor(self, namespace):
-        return BrokenExecutor(namespace, faults=[{fault!r}])
+        return BrokenExecutor(namespace, faults=[{fault!r}], ready_delay=0.1)
 
     @pytest.fixture
     def restarted_executor(self, namespace):
-        return BrokenExecutor(namespace, faults=[{fault!r}])
+        return BrokenExecutor(namespace, faults=[{fault!r}], ready_delay=0.1)
 
     @pytest.fixture
     def replica_spec(self, tmp_path):
@@ -122,7 +123,8 @@ def test_suite_reports_broken_executor(pytester: pytest.Pytester, fault: str) ->
 def test_suite_passes_reference_executor_in_pytester(pytester: pytest.Pytester) -> None:
     """The same pytester harness reports no failure for the unbroken MemoryExecutor."""
     source = BROKEN_SUITE.format(fault="x").replace(
-        "BrokenExecutor(namespace, faults=['x'])", "MemoryExecutor(namespace)"
+        "BrokenExecutor(namespace, faults=['x'], ready_delay=0.1)",
+        "MemoryExecutor(namespace, ready_delay=0.1)",
     )
     pytester.makeini(PYTESTER_INI)
     pytester.makepyfile(test_reference=source)

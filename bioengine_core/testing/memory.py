@@ -198,6 +198,7 @@ class BrokenExecutor(MemoryExecutor):
         self._first_url: str | None = None
 
     def _status(self, r: _Replica) -> ReplicaStatus:
+        """Fault same_url: report the first replica's url for all."""
         status = super()._status(r)
         if "same_url" in self.faults:
             self._first_url = self._first_url or status.url
@@ -205,6 +206,7 @@ class BrokenExecutor(MemoryExecutor):
         return status
 
     def start(self, spec: ReplicaSpec) -> ReplicaStatus:
+        """Fault start_blocks: wait for readiness before returning."""
         status = super().start(spec)
         if "start_blocks" in self.faults:
             time.sleep(self.ready_delay)
@@ -212,16 +214,19 @@ class BrokenExecutor(MemoryExecutor):
         return status
 
     def status(self, replica_id: str) -> ReplicaStatus:
+        """Fault unknown_is_failed: FAILED for ids it does not know."""
         status = super().status(replica_id)
         if "unknown_is_failed" in self.faults and replica_id not in self._replicas:
             status.state = ReplicaState.FAILED
         return status
 
     def stop(self, replica_id: str, *, grace: float = 10.0) -> None:
+        """Fault stop_noop: leave the replica running."""
         if "stop_noop" not in self.faults:
             super().stop(replica_id, grace=grace)
 
     def list(self, deployment: str) -> list[ReplicaStatus]:
+        """Fault list_all_deployments / list_drops_labels."""
         if "list_all_deployments" in self.faults:
             statuses = [self._status(r) for r in list(self._replicas.values())]
         else:

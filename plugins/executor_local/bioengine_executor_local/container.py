@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import threading
 import time
@@ -193,13 +194,20 @@ class ContainerExecutor(Executor):
     def start(self, spec: ReplicaSpec) -> ReplicaStatus:
         """Run the container from a background thread (an image pull may take minutes)."""
         replica_id = new_replica_id(spec.deployment)
-        http, grpc, metrics = free_ports(self.settings.address, 3)
+        with self._lock:  # not yet published by a container that is still being created
+            pending = [p for r in self._launching.values() for p in r["ports"].values()]
+        http, grpc, metrics = free_ports(self.settings.address, 3, exclude=pending)
         ports = {"http": http, "grpc": grpc, "metrics": metrics}
         argv, env = container_run_command(self.settings, spec, replica_id, ports)
         self.log_path(replica_id).write_text(f"# bioengine: {shlex.join(argv)}\n")
         url = f"http://{connect_host(self.settings.address)}:{http}"
         labels = {**replica_labels(spec.deployment, replica_id, spec.labels), URL_LABEL: url}
-        record: dict[str, Any] = {"url": url, "labels": labels, "started_at": time.time()}
+        record: dict[str, Any] = {
+            "url": url,
+            "labels": labels,
+            "ports": ports,
+            "started_at": time.time(),
+        }
         thread = threading.Thread(
             target=self._launch, args=(replica_id, argv, env, record), daemon=True
         )
@@ -211,8 +219,6 @@ class ContainerExecutor(Executor):
         return self._status(replica_id, ReplicaState.PENDING, url, labels, record["started_at"])
 
     def _launch(self, replica_id: str, argv: list[str], env: dict[str, str], record: dict) -> None:
-        import os
-
         try:
             run_command(argv, env={**os.environ, **env}, timeout=self.settings.start_timeout)
         except CommandError as exc:

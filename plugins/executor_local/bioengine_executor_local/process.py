@@ -50,7 +50,9 @@ def _shown_env(env: dict[str, str], secret: set[str]) -> str:
     """`K=V` pairs for previews; values of `secret` and secret-looking variables are hidden."""
     shown = []
     for key in sorted(env):
-        hidden = key in secret or any(h in key.upper() for h in SECRET_HINTS)
+        hidden = any(key == n or key.endswith(f"_{n}") for n in secret) or any(
+            h in key.upper() for h in SECRET_HINTS
+        )
         shown.append(f"{key}=***" if hidden else f"{key}={shlex.quote(env[key])}")
     return " ".join(shown)
 
@@ -266,7 +268,7 @@ class ProcessExecutor(Executor):
             child.poll()  # reap
 
     def stop(self, replica_id: str, *, grace: float | None = None) -> None:
-        """SIGTERM the replica's process group, SIGKILL after `grace` seconds. Idempotent."""
+        """SIGTERM the server, SIGKILL (its whole process group) after `grace` seconds. Idempotent."""
         grace = self.settings.stop_grace if grace is None else grace
         with self._lock:
             self._failed.pop(replica_id, None)
@@ -277,6 +279,7 @@ class ProcessExecutor(Executor):
             child = self._children.get(replica_id)
         if alive:
             pid = meta["pid"]
+            # SIGTERM to tritonserver only: it shuts its python backend stubs down itself.
             self._signal(pid, signal.SIGTERM)
             if not self._wait_gone(pid, child, grace):
                 self.context.logger.warning(
@@ -284,7 +287,7 @@ class ProcessExecutor(Executor):
                 )
                 self._signal(pid, signal.SIGKILL)
                 self._wait_gone(pid, child, 10.0)
-            try:  # leftovers of the group (python backend stubs) go too
+            try:  # leftovers of its process group (stubs of a killed server) go too
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
                 pass
@@ -295,10 +298,7 @@ class ProcessExecutor(Executor):
     @staticmethod
     def _signal(pid: int, sig: signal.Signals) -> None:
         try:
-            if os.getpgid(pid) == pid:
-                os.killpg(pid, sig)
-            else:
-                os.kill(pid, sig)
+            os.kill(pid, sig)
         except OSError:
             pass
 

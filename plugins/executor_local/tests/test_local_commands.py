@@ -180,3 +180,10 @@ def test_previews_render_the_container_command(context):
     apptainer = make_executor(settings=settings("apptainer"), context=context).preview(spec())
     assert "apptainer exec --cleanenv" in apptainer
     assert "APPTAINERENV_OMP_NUM_THREADS=2" in apptainer
+
+
+def test_apptainer_preview_hides_repository_credentials(context):
+    """The storage's credentials are masked in apptainer previews, under their prefixed name."""
+    text = make_executor(settings=settings("apptainer"), context=context).preview(spec(s3=True))
+    assert "s3cr3t" not in text
+    assert "APPTAINERENV_AWS_SECRET_ACCESS_KEY=***" in text
