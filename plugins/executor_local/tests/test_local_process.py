@@ -211,3 +211,51 @@ def test_plugin_is_registered_by_entry_point(context):
     assert registered.record.settings is LocalExecutorSettings
     executor = make_executor(settings=LocalExecutorSettings(), context=context)
     assert isinstance(executor, ProcessExecutor)
+
+
+IDENTITY_CONFIG = """name: "ident"
+backend: "python"
+max_batch_size: 0
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]
+"""
+IDENTITY_MODEL = """import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [
+            pb_utils.InferenceResponse(
+                [pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy())]
+            )
+            for r in requests
+        ]
+"""
+
+
+def test_python_backend_replica_stops_cleanly(triton, context, replica_spec):
+    """With a python-backend model loaded, SIGTERM stops server and stubs within the grace."""
+    model = Path(replica_spec.repository.uri) / "ident"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(IDENTITY_CONFIG)
+    (model / "1" / "model.py").write_text(IDENTITY_MODEL)
+    replica_spec.models = ["ident"]
+    ex = ProcessExecutor(LocalExecutorSettings(), context)
+    replica = ex.start(replica_spec)
+    try:
+        status = wait_for(
+            lambda: (s := ex.status(replica.replica_id)).state is ReplicaState.READY and s,
+            timeout=90,
+        )
+        assert status, ex.logs(replica.replica_id)
+        server = psutil.Process(status.details["pid"])
+        stubs = server.children(recursive=True)
+        assert stubs, "the python backend runs its model in a stub process"
+        t0 = time.monotonic()
+        ex.stop(replica.replica_id, grace=15)
+        assert time.monotonic() - t0 < 15, "needed SIGKILL"
+        assert "successfully unloaded 'ident'" in ex.logs(replica.replica_id)
+        gone, alive = psutil.wait_procs([server, *stubs], timeout=5)
+        assert not alive, alive
+    finally:
+        ex.stop(replica.replica_id, grace=1)
