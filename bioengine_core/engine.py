@@ -146,9 +146,10 @@ class Engine(Service):
 
     # ================================================================ life cycle
     def _say(self, message: str) -> None:
-        log.info(message)
         if self.progress is not None:
             self.progress(message)
+        else:
+            log.info(message)
 
     async def start(self) -> None:
         """Prepare models, adopt or start replicas, wait until ready, start gateways."""
@@ -201,7 +202,7 @@ class Engine(Service):
             replica.retiring = True
         self.router.drain(replica_id)
         await self.router.wait_idle(replica_id, timeout=self.config.engine.request_timeout)
-        self.router.remove(replica_id)
+        await self.router.release(replica_id)
         self._say(f"stopping replica {replica_id} ({reason})")
         try:
             await asyncio.to_thread(
@@ -263,7 +264,7 @@ class Engine(Service):
                 await self._apply(rep, status)
             for rid in list(self.replicas):
                 if rid not in seen:
-                    self.router.remove(rid)
+                    await self.router.release(rid)
                     self.replicas.pop(rid, None)
             return
         for rid, rep in list(self.replicas.items()):
@@ -300,7 +301,7 @@ class Engine(Service):
             self.router.add(status.replica_id, status.url)
             rep.routed = True
         elif status.state != ReplicaState.READY and rep.routed:
-            self.router.remove(status.replica_id)
+            self.router.drain(status.replica_id)
             rep.routed = False
         self.metrics.replicas_ready.set(self.router.ready_count())
 
@@ -317,7 +318,8 @@ class Engine(Service):
     def _on_replica_error(self, replica_id: str) -> None:
         rep = self.replicas.get(replica_id)
         if rep is not None:
-            self.router.remove(replica_id)
+            # no new requests until the next health check says it is still ready
+            self.router.drain(replica_id)
             rep.routed = False
 
     async def _supervise(self) -> None:

@@ -60,7 +60,7 @@ def bioengine_add_commands(app: typer.Typer) -> None:
 
 @hookspec
 def bioengine_engine_started(engine: Any, config: Any) -> None:
-    """Called after every configured replica is ready and every gateway has started."""
+    """Called once serving begins: at least one replica is ready and every gateway has started."""
 
 
 @hookspec

@@ -1,7 +1,8 @@
 """Routes inference requests to ready replicas: least outstanding requests, retry on failure.
 
 Requests travel as KServe v2 HTTP bodies with the binary-tensor extension, built and parsed
-with tritonclient; one keep-alive aiohttp session is shared by all replicas.
+with tritonclient; each replica has its own keep-alive connection pool, closed when the replica
+leaves (an open keep-alive connection would hold up Triton's shutdown).
 """
 
 from __future__ import annotations
@@ -36,6 +37,19 @@ class Route:
     failures: int = 0
     draining: bool = False
     added_at: float = field(default_factory=time.monotonic)
+    session: aiohttp.ClientSession | None = None
+
+    def client(self) -> aiohttp.ClientSession:
+        """This replica's keep-alive HTTP session (created lazily inside the running loop)."""
+        if self.session is None or self.session.closed:
+            connector = aiohttp.TCPConnector(limit=64, keepalive_timeout=30)
+            self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        return self.session
+
+    async def close(self) -> None:
+        """Close the replica's connections."""
+        if self.session is not None:
+            await self.session.close()
 
 
 class Router:
@@ -50,28 +64,35 @@ class Router:
         self.on_replica_error: list = []  # callbacks(replica_id) when a replica fails a request
 
     async def session(self) -> aiohttp.ClientSession:
-        """The shared HTTP session (created lazily inside the running loop)."""
+        """A session for control requests (model load/unload), not for inference."""
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, keepalive_timeout=30)
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         return self._session
 
     async def close(self) -> None:
-        """Close the HTTP session."""
+        """Close every HTTP session."""
         if self._session is not None:
             await self._session.close()
+        for route in list(self.routes.values()):
+            await route.close()
 
     # -------------------------------------------------------------- membership
     def add(self, replica_id: str, url: str) -> None:
         """Route requests to a ready replica."""
-        if replica_id not in self.routes:
+        route = self.routes.get(replica_id)
+        if route is None:
             self.routes[replica_id] = Route(replica_id, url.rstrip("/"))
             log.info("routing to replica %s at %s", replica_id, url)
+        else:
+            route.draining = False
         self._changed.set()
 
-    def remove(self, replica_id: str) -> Route | None:
-        """Stop routing to a replica (in-flight requests finish or fail over)."""
-        return self.routes.pop(replica_id, None)
+    async def release(self, replica_id: str) -> None:
+        """Stop routing to a replica and close its connections (call once it is idle)."""
+        route = self.routes.pop(replica_id, None)
+        if route is not None:
+            await route.close()
 
     def drain(self, replica_id: str) -> None:
         """Send no new requests to a replica, but keep it for the ones in flight."""
@@ -128,14 +149,15 @@ class Router:
         deadline = time.monotonic() + max(timeout, self.wait_for_replica)
         tried: set[str] = set()
         last: Exception | None = None
-        session = await self.session()
         client_timeout = aiohttp.ClientTimeout(total=timeout)
+        # replicas are local hops: never pay for compression, and pass bodies through unchanged
+        headers = {**(headers or {}), "Accept-Encoding": "identity"}
         for _ in range(self.retries + 1):
             route = await self._pick(tried, deadline)
             route.outstanding += 1
             route.requests += 1
             try:
-                async with session.request(
+                async with route.client().request(
                     method, route.url + path, data=body, headers=headers, timeout=client_timeout
                 ) as resp:
                     data = await resp.read()

@@ -48,8 +48,8 @@ def triton_pids(state: Path) -> set[int]:
     them on this host)."""
     pids = set()
     for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "tritonserver" in cmd and str(state) in cmd:
+        argv = proc.info["cmdline"] or []
+        if argv and argv[0].endswith("tritonserver") and str(state) in " ".join(argv):
             pids.add(proc.info["pid"])
     return pids
 
@@ -115,8 +115,17 @@ def test_serve_prints_how_to_call_it(served):
 def test_cli_infer_reproduces_test_output_onnx(served, tmp_path):
     _, url, _ = served
     out = tmp_path / "y.npy"
-    result = run_cli("infer", "--url", url, "--model", MODEL_ID, "--input",
-                     str(MODEL / "test_input.npy"), "--output", str(out))
+    result = run_cli(
+        "infer",
+        "--url",
+        url,
+        "--model",
+        MODEL_ID,
+        "--input",
+        str(MODEL / "test_input.npy"),
+        "--output",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     np.testing.assert_allclose(np.load(out), Y, atol=1e-4, rtol=1e-4)
 
@@ -173,8 +182,9 @@ def test_bad_requests_get_4xx_naming_model_and_tensor(served):
         client.infer(MODEL_ID, [inp])
     assert "rwa" in info.value.message()
     # malformed body
-    status, body = post(f"{url}/v2/models/{MODEL_ID}/infer", b"{not json",
-                        {"Content-Type": "application/json"})
+    status, body = post(
+        f"{url}/v2/models/{MODEL_ID}/infer", b"{not json", {"Content-Type": "application/json"}
+    )
     assert status == 400 and MODEL_ID in body["error"] and "malformed" in body["error"]
     status, body = post(f"{url}/v2/models/{MODEL_ID}/infer", b'{"inputs": [{"name": "raw"}]}')
     assert status == 400 and MODEL_ID in body["error"]
@@ -229,8 +239,12 @@ def test_sigkill_of_a_replica_under_load_loses_no_request(served):
         for f in futures:
             f.result()
     assert failures == []
-    after = wait_for(lambda: (p := triton_pids(state)) if len(p) == 2 and victim not in p
-                     else None, 120, "a replacement replica process")
+
+    def replaced():
+        pids = triton_pids(state)
+        return pids if len(pids) == 2 and victim not in pids else None
+
+    after = wait_for(replaced, 120, "a replacement replica process")
     assert victim not in after
     wait_for(lambda: get_status(url)["ready_replicas"] == 2, 120, "replacement ready")
 
@@ -244,8 +258,17 @@ def test_torchscript_weights_reproduce_test_output(tmp_path):
         url = f"http://127.0.0.1:{port}"
         assert get_status(url)["models"][0]["weight_format"] == "torchscript"
         out = tmp_path / "y.npy"
-        result = run_cli("infer", "--url", url, "--model", MODEL_ID, "--input",
-                         str(MODEL / "test_input.npy"), "--output", str(out))
+        result = run_cli(
+            "infer",
+            "--url",
+            url,
+            "--model",
+            MODEL_ID,
+            "--input",
+            str(MODEL / "test_input.npy"),
+            "--output",
+            str(out),
+        )
         assert result.returncode == 0, result.stderr
         np.testing.assert_allclose(np.load(out), Y, atol=1e-4, rtol=1e-4)
     finally:
