@@ -81,33 +81,37 @@ class BioEngineClient:
     async def _infer_direct(
         self, model_id: str, inputs: Any, timeout: float | None
     ) -> dict[str, np.ndarray]:
-        access = await self._ticket()
-        if not access:
-            raise OSError("direct path disabled by the operator")
         if isinstance(inputs, np.ndarray):
             inputs = [inputs]
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, connect=5)
             )
+        body = pack_arrays(inputs)
         params = {"timeout": str(timeout)} if timeout else None
-        async with self._session.post(
-            f"{access['url']}/v1/infer/{model_id}",
-            data=pack_arrays(inputs),
-            params=params,
-            headers={"Authorization": f"Bearer {access['ticket']}"},
-        ) as resp:
-            body = await resp.read()
-            if resp.status == 401:
-                self._access = None
-            if resp.status != 200:
-                try:
-                    message = (await resp.json(content_type=None)).get("error", "")
-                except Exception:
-                    message = body[:200].decode(errors="replace")
-                raise RemoteInferenceError(message, resp.status)
-        outputs = unpack_arrays(body)
-        return outputs if isinstance(outputs, dict) else dict(enumerate(outputs))  # type: ignore
+        for attempt in (1, 2):
+            access = await self._ticket()
+            if not access:
+                raise OSError("direct path disabled by the operator")
+            async with self._session.post(
+                f"{access['url']}/v1/infer/{model_id}",
+                data=body,
+                params=params,
+                headers={"Authorization": f"Bearer {access['ticket']}"},
+            ) as resp:
+                data = await resp.read()
+                if resp.status == 401 and attempt == 1:
+                    self._access = None  # expired, or the gateway restarted: new ticket
+                    continue
+                if resp.status != 200:
+                    try:
+                        message = (await resp.json(content_type=None)).get("error", "")
+                    except Exception:
+                        message = data[:200].decode(errors="replace")
+                    raise RemoteInferenceError(message, resp.status)
+            outputs = unpack_arrays(data)
+            return outputs if isinstance(outputs, dict) else dict(enumerate(outputs))  # type: ignore
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def close(self) -> None:
         """Close the HTTP session and, if `connect` opened it, the Hypha connection."""

@@ -168,13 +168,15 @@ class HyphaGateway(Gateway):
         if token:
             base["token"] = token
         ws = s.effective_workspace
-        server = None
-        if ws:
-            with contextlib.suppress(Exception):
+        server = await connect_to_server(base)
+        if ws and server.config.workspace != ws:
+            scope = (server.config.get("user") or {}).get("scope") or {}
+            if ws in (scope.get("workspaces") or {}):
+                # The token already grants the workspace: enter it directly.
+                with contextlib.suppress(Exception):
+                    await server.disconnect()
                 server = await connect_to_server({**base, "workspace": ws})
-        if server is None:
-            server = await connect_to_server(base)
-            if ws and server.config.workspace != ws:
+            else:
                 server = await self._enter_workspace(server, base, ws)
         try:
             assert self._api is not None

@@ -212,6 +212,9 @@ async def test_direct_path_same_results_as_rpc(gateway, anonymous):
             await client.infer("nope", [image])
         assert err.value.status == 404
         assert client.direct is True  # the direct path was used, not abandoned
+        client._access["ticket"] = "expired-or-forged"  # a stale ticket is renewed once
+        out = await client.infer("double", [image])
+        np.testing.assert_array_equal(out["y"], image * 2)
         assert await client.list_models()  # everything else is the Hypha service
     finally:
         await client.close()
