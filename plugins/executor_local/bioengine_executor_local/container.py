@@ -92,7 +92,7 @@ def _triton_argv(
         metrics_port=ports["metrics"],
         address=address,
         models=spec.models,
-        extra=settings.triton_args,
+        extra=settings.server_args(),
     )
 
 

@@ -101,7 +101,7 @@ class ProcessExecutor(Executor):
             metrics_port=ports["metrics"],
             address=self.settings.address,
             models=spec.models,
-            extra=self.settings.triton_args,
+            extra=self.settings.server_args(),
         )
         env = {
             **install.env,

@@ -83,9 +83,22 @@ class LocalExecutorSettings(BackendSettings):
         ge=0,
         description="Seconds between SIGTERM and SIGKILL when the engine does not say otherwise.",
     )
+    exit_timeout: int = Field(
+        3,
+        ge=0,
+        description="Seconds tritonserver waits after SIGTERM for in-flight requests and open "
+        "client connections (`--exit-timeout-secs`). The router keeps connections open, so "
+        "Triton always waits this long: keep it below `stop_grace`.",
+    )
     log_dir: str | None = Field(
         None, description="Directory for per-replica log files (default: STATE_DIR/local/logs)."
     )
+
+    def server_args(self) -> list[str]:
+        """Extra tritonserver arguments: the exit timeout (unless given) and `triton_args`."""
+        given = any(a.startswith("--exit-timeout-secs") for a in self.triton_args)
+        own = [] if given else [f"--exit-timeout-secs={self.exit_timeout}"]
+        return own + list(self.triton_args)
 
     @field_validator("gpus")
     @classmethod

@@ -23,6 +23,7 @@ TRITON_TAIL = [
     "--exit-on-error=false",
     "--log-info=true",
     "--load-model=unet",
+    "--exit-timeout-secs=3",
 ]
 
 
