@@ -246,6 +246,8 @@ class SlurmExecutor(Executor):
             state = ReplicaState.STOPPING if job.state == "COMPLETING" else ReplicaState.STOPPED
             return self._status(job, state, f"stopped (Slurm state {job.state})")
         why = END_MESSAGES.get(job.state, f"the job ended in Slurm state {job.state}")
+        if job.state == "COMPLETING":
+            why = self._why_completing(job, exit_info)
         parts = [f"Slurm job {job_id} {job.state}: {why}"]
         if job.exit_code not in (None, 0):
             parts.append(f"exit code {job.exit_code}")
@@ -255,6 +257,20 @@ class SlurmExecutor(Executor):
         if exit_info is not None and exit_info.get("reason"):
             parts.append(f"launcher: {exit_info['reason']}")
         return self._status(job, ReplicaState.FAILED, "; ".join(parts))
+
+    @staticmethod
+    def _why_completing(job: Job, exit_info: dict[str, Any] | None) -> str:
+        """Why a job we did not stop is ending, before Slurm shows its final state."""
+        limit_end = (job.start_time or 0) + (job.time_limit_s or 0)
+        if job.time_limit_s and job.end_time and job.end_time >= limit_end - 2:
+            return "the job is ending at its Slurm time limit (TIMEOUT)"
+        reason = (exit_info or {}).get("reason", "")
+        if exit_info is not None and "signal" not in reason:
+            return "the job is ending because its Triton ended"
+        return (
+            "the job is ending without BioEngine stopping it: cancelled outside BioEngine "
+            "(scancel by a user, an administrator or a policy) or preempted"
+        )
 
     def _status(
         self, job: Job, state: ReplicaState, message: str, endpoint: dict[str, Any] | None = None

@@ -63,7 +63,14 @@ def test_two_replicas_ready_then_outside_scancel_is_failed_with_reason(make_exec
 
     subprocess.run(["scancel", a.replica_id], check=True)
     failed = wait_for(executor, a.replica_id, {ReplicaState.FAILED}, timeout=30)
-    assert "CANCELLED" in failed.message and "outside BioEngine" in failed.message
+    assert "outside BioEngine" in failed.message, failed.message
+    # Once the job has ended, Slurm's final state is in the message.
+    deadline = time.monotonic() + 30
+    while "CANCELLED" not in failed.message and time.monotonic() < deadline:
+        time.sleep(0.5)
+        failed = executor.status(a.replica_id)
+    assert failed.state is ReplicaState.FAILED
+    assert "Slurm job" in failed.message and "CANCELLED" in failed.message, failed.message
     assert executor.status(b.replica_id).state is ReplicaState.READY
     assert [s.replica_id for s in executor.list(spec.deployment)] == [b.replica_id]
     # The engine stops a failed replica before replacing it: that must be harmless.
