@@ -263,7 +263,7 @@ class HyphaGateway(Gateway):
             )
             return True
         except Exception as exc:
-            self.last_error = f"health check: {type(exc).__name__}: {exc}"
+            self.last_error = f"health check: {type(exc).__name__}: {exc or 'no answer in time'}"
             return False
 
     def _note_failure(self, exc: BaseException) -> None:

@@ -48,8 +48,9 @@ def _triton_available() -> bool:
         return False
 
 
-def write_config(tmp: Path, *, http_port: int, hypha_port: int) -> Path:
-    """A site config: local executor, HTTP gateway, and an embedded Hypha gateway."""
+def write_config(tmp: Path, *, http_port: int, hypha_port: int = 0, hypha: str = "") -> Path:
+    """A site config: local executor, HTTP gateway, and a Hypha gateway (embedded by default)."""
+    hypha = hypha or f"embedded = true\nport = {hypha_port}\nhealth_interval = 1.0"
     text = f"""
 [engine]
 name = "hypha-e2e"
@@ -71,10 +72,8 @@ port = {http_port}
 
 [gateways.hypha]
 kind = "hypha"
-embedded = true
-port = {hypha_port}
+{hypha}
 admin_token_env = "E2E_HYPHA_ADMIN"
-health_interval = 1.0
 
 [[models]]
 source = "folder:{MODEL}"
@@ -87,9 +86,9 @@ source = "folder:{MODEL}"
 class ServeProcess:
     """`bioengine serve --config FILE` in a subprocess, output collected."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
         self.lines: list[str] = []
-        env = {**os.environ, "COLUMNS": "200", "E2E_HYPHA_ADMIN": ADMIN}
+        env = {**os.environ, "COLUMNS": "200", "E2E_HYPHA_ADMIN": ADMIN, **(env or {})}
         self.proc = subprocess.Popen(
             [str(BIN / "bioengine"), "serve", "--config", str(config)],
             stdout=subprocess.PIPE,
@@ -232,3 +231,73 @@ def test_bioengine_status_shows_the_hypha_gateway(served):
     assert hypha["kind"] == "hypha" and hypha["state"] == "connected"
     assert hypha["url"] == served["hypha"]
     assert hypha["services"]["bioengine-model-runner"] == "bioengine/bioengine"
+
+
+def _hypha_state(http: str) -> str:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{http}/bioengine/status", timeout=10) as resp:
+        return json.loads(resp.read())["gateways"]["hypha"]["state"]
+
+
+async def _list_until(url: str, service_id: str, deadline: float) -> list:
+    import asyncio
+
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        server = None
+        try:
+            server = await asyncio.wait_for(connect_to_server({"server_url": url}), 5)
+            svc = await asyncio.wait_for(server.get_service(service_id), 5)
+            return await asyncio.wait_for(svc.list_models(), 5)
+        except Exception as exc:
+            last = exc
+            await asyncio.sleep(0.5)
+        finally:
+            if server is not None:
+                try:
+                    await asyncio.wait_for(server.disconnect(), 3)
+                except Exception:
+                    pass
+    raise AssertionError(f"not callable before the deadline: {last}")
+
+
+async def test_proxy_mode_survives_a_hypha_restart(fresh_hypha_server, tmp_path):
+    """serve registers on a separately started Hypha; after its restart, callable in < 30 s."""
+    require_service(_triton_available(), "the tritonserver binary (nvidia-pytriton)")
+    http_port = _free_port()
+    hypha = (
+        f'server_url = "{fresh_hypha_server.url}"\nworkspace = "proxy-site"\n'
+        'token_env = "E2E_HYPHA_TOKEN"\nhealth_interval = 0.5\nreconnect_max_delay = 2'
+    )
+    config = write_config(tmp_path, http_port=http_port, hypha=hypha)
+    serve = ServeProcess(config, env={"E2E_HYPHA_TOKEN": fresh_hypha_server.root_token})
+    http = f"http://127.0.0.1:{http_port}"
+    try:
+        serve.wait_serving()
+        models = await _list_until(
+            fresh_hypha_server.url, "proxy-site/bioengine", time.monotonic() + 20
+        )
+        assert [m["id"] for m in models] == [MODEL_ID]
+        assert _hypha_state(http) == "connected"
+
+        fresh_hypha_server.stop()
+        deadline = time.monotonic() + 20
+        while _hypha_state(http) != "reconnecting":
+            assert time.monotonic() < deadline, "status never showed the lost connection"
+            time.sleep(0.3)
+
+        import asyncio
+
+        await asyncio.to_thread(fresh_hypha_server.start)
+        restarted = time.monotonic()
+        models = await _list_until(fresh_hypha_server.url, "proxy-site/bioengine", restarted + 30)
+        print(f"callable again {time.monotonic() - restarted:.1f} s after the Hypha restart")
+        assert [m["id"] for m in models] == [MODEL_ID]
+        assert _hypha_state(http) == "connected"
+        assert serve.proc.poll() is None  # the same serve process, never restarted
+    finally:
+        code = serve.stop()
+        print(serve.output)
+    assert code == 0
