@@ -11,6 +11,7 @@ Hypha RPC and stays there.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -71,7 +72,7 @@ class BioEngineClient:
                 return await self._infer_direct(model_id, inputs, timeout)
             except RemoteInferenceError:
                 raise
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                 log.info("direct path unreachable (%s); using Hypha RPC", exc)
                 self.direct = False
         if timeout is not None:

@@ -227,6 +227,27 @@ async def test_direct_path_same_results_as_rpc(gateway, anonymous):
             assert resp.status == 401
 
 
+async def test_client_falls_back_to_rpc_without_direct_path(
+    hypha_server, backend_context, toy_service, monkeypatch, anonymous
+):
+    gw = make_gateway(
+        hypha_server, backend_context, monkeypatch, direct=False, workspace="bioengine-nodirect"
+    )
+    await gw.start(toy_service)
+    try:
+        assert "direct_url" not in gw.info()
+        svc = await anonymous.get_service("bioengine-nodirect/bioengine")
+        assert await svc.get_direct_access() is None
+        client = BioEngineClient(svc)
+        image = np.ones((1, 1, 512, 512), dtype=np.float32)
+        out = await client.infer("double", [image])
+        np.testing.assert_array_equal(out["y"], image * 2)
+        assert client.direct is False  # remembered: later calls go straight to RPC
+        await client.close()
+    finally:
+        await gw.stop()
+
+
 async def test_unreachable_server_keeps_retrying(backend_context, toy_service):
     from bioengine_gateway_hypha.server import free_port as _free_port
 
