@@ -16,6 +16,14 @@ REPLICA_LABEL = "bioengine.replica"
 URL_LABEL = "bioengine.url"
 
 
+SECRET_HINTS = ("SECRET", "TOKEN", "PASSWORD", "KEY", "CREDENTIAL")
+
+
+def is_secret_name(name: str) -> bool:
+    """True for variable names that usually hold credentials (values hidden in previews)."""
+    return any(hint in name.upper() for hint in SECRET_HINTS)
+
+
 def new_replica_id(deployment: str) -> str:
     """A unique, file- and container-name-safe replica id that shows its deployment."""
     slug = re.sub(r"[^a-zA-Z0-9_.-]+", "-", deployment).strip("-.") or "replica"

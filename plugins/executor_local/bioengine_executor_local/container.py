@@ -35,6 +35,7 @@ from .common import (
     URL_LABEL,
     connect_host,
     free_ports,
+    is_secret_name,
     new_replica_id,
     replica_labels,
     tail_file,
@@ -99,10 +100,12 @@ def _triton_argv(
 def container_run_command(
     settings: LocalExecutorSettings, spec: ReplicaSpec, replica_id: str, ports: dict[str, int]
 ) -> tuple[list[str], dict[str, str]]:
-    """`docker run`/`podman run` for one replica, and the environment to run it with.
+    """`docker run`/`podman run` for one replica, and the secret variables to run it with.
 
-    Environment values never appear on the command line: `--env NAME` makes the engine copy
-    them from its own environment (so credentials stay out of `ps` and previews).
+    Plain variables (settings and spec) are passed as `--env NAME=VALUE`. The repository's
+    variables (storage credentials) and secret-looking names are passed as `--env NAME`, which
+    makes the engine copy them from its own environment: their values stay out of `ps` and
+    previews. The returned dict holds those; run the command with them added to os.environ.
     """
     engine = settings.container_engine
     if engine not in ("docker", "podman"):
@@ -118,13 +121,14 @@ def container_run_command(
     if mount is not None:
         argv += ["--volume", f"{mount}:{CONTAINER_REPOSITORY}:ro"]
     env = _replica_env(settings, spec)
+    secret = {k: v for k, v in env.items() if k in spec.repository.env or is_secret_name(k)}
     for key in sorted(env):
-        argv += ["--env", key]
+        argv += ["--env", key if key in secret else f"{key}={env[key]}"]
     argv += gpu_flags(engine, settings.gpus, spec.gpus)
     argv += list(settings.container_options)
     argv.append(settings.image)
     argv += _triton_argv(settings, spec, repository, CONTAINER_PORTS, "0.0.0.0")
-    return argv, env
+    return argv, secret
 
 
 def apptainer_command(

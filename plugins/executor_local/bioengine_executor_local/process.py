@@ -35,6 +35,7 @@ from .common import (
     DEPLOYMENT_LABEL,
     connect_host,
     free_ports,
+    is_secret_name,
     new_replica_id,
     read_json,
     replica_labels,
@@ -43,16 +44,12 @@ from .common import (
 )
 from .settings import LocalExecutorSettings
 
-SECRET_HINTS = ("SECRET", "TOKEN", "PASSWORD", "KEY", "CREDENTIAL")
-
 
 def _shown_env(env: dict[str, str], secret: set[str]) -> str:
     """`K=V` pairs for previews; values of `secret` and secret-looking variables are hidden."""
     shown = []
     for key in sorted(env):
-        hidden = any(key == n or key.endswith(f"_{n}") for n in secret) or any(
-            h in key.upper() for h in SECRET_HINTS
-        )
+        hidden = any(key == n or key.endswith(f"_{n}") for n in secret) or is_secret_name(key)
         shown.append(f"{key}=***" if hidden else f"{key}={shlex.quote(env[key])}")
     return " ".join(shown)
 

@@ -50,3 +50,34 @@ def replica_spec(tmp_path: Path, deployment: str) -> ReplicaSpec:
     repo = tmp_path / "repository"
     repo.mkdir()
     return ReplicaSpec(deployment=deployment, repository=RepositoryLocation(str(repo), repo))
+
+
+IDENTITY_CONFIG = """name: "ident"
+backend: "python"
+max_batch_size: 0
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]
+"""
+IDENTITY_MODEL = """import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [
+            pb_utils.InferenceResponse(
+                [pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy())]
+            )
+            for r in requests
+        ]
+"""
+
+
+@pytest.fixture
+def identity_model(replica_spec: ReplicaSpec) -> str:
+    """A python-backend model `ident` (y = x, 4 floats) in the spec's repository, loaded at start."""
+    model = Path(replica_spec.repository.uri) / "ident"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(IDENTITY_CONFIG)
+    (model / "1" / "model.py").write_text(IDENTITY_MODEL)
+    replica_spec.models = ["ident"]
+    return "ident"

@@ -62,7 +62,7 @@ def test_docker_run_command():
         "--publish", "127.0.0.1:41001:8001",
         "--publish", "127.0.0.1:41002:8002",
         "--volume", "/srv/repo:/models:ro",
-        "--env", "OMP_NUM_THREADS",
+        "--env", "OMP_NUM_THREADS=2",
         "triton:1",
         "tritonserver", "--model-repository=/models",
         "--http-address=0.0.0.0", "--http-port=8000",
@@ -70,7 +70,7 @@ def test_docker_run_command():
         "--metrics-address=0.0.0.0", "--metrics-port=8002",
         *TRITON_TAIL,
     ]  # fmt: skip
-    assert env == {"OMP_NUM_THREADS": "2"}
+    assert env == {}  # nothing secret: the client runs with an unchanged environment
 
 
 @pytest.mark.parametrize(
@@ -86,7 +86,7 @@ def test_docker_gpu_flags(gpus, count, flags):
     """docker: `--gpus` with a count, `all`, or a quoted device list."""
     argv, _ = container_run_command(settings("docker", gpus=gpus), spec(count), "r", PORTS)
     image = argv.index("triton:1")
-    start = argv.index("OMP_NUM_THREADS") + 1
+    start = argv.index("OMP_NUM_THREADS=2") + 1
     assert argv[start:image] == flags
 
 
@@ -107,7 +107,7 @@ def test_podman_cdi_gpu_flags(gpus, count, flags):
     )
     assert argv[:5] == ["podman", "run", "--detach", "--name", "bioengine-r"]
     image = argv.index("triton:1")
-    start = argv.index("OMP_NUM_THREADS") + 1
+    start = argv.index("OMP_NUM_THREADS=2") + 1
     assert argv[start:image] == flags + opts
 
 
@@ -118,7 +118,7 @@ def test_s3_repository_is_passed_by_uri_and_secrets_stay_off_the_command_line():
     assert "--model-repository=s3://127.0.0.1:9000/models/x" in argv
     assert "s3cr3t" not in " ".join(argv)
     assert argv[argv.index("AWS_SECRET_ACCESS_KEY") - 1] == "--env"
-    assert env["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
+    assert env == {"AWS_SECRET_ACCESS_KEY": "s3cr3t"}
 
 
 def test_apptainer_command():
@@ -188,3 +188,12 @@ def test_apptainer_preview_hides_repository_credentials(context):
     text = make_executor(settings=settings("apptainer"), context=context).preview(spec(s3=True))
     assert "s3cr3t" not in text
     assert "APPTAINERENV_AWS_SECRET_ACCESS_KEY=***" in text
+
+
+def test_secret_looking_settings_env_is_passed_by_name():
+    """A token in the operator's `env` is not written on the command line either."""
+    argv, env = container_run_command(
+        settings("docker", env={"HF_TOKEN": "t0k"}), spec(), "r", PORTS
+    )
+    assert "t0k" not in " ".join(argv) and argv[argv.index("HF_TOKEN") - 1] == "--env"
+    assert env == {"HF_TOKEN": "t0k"}

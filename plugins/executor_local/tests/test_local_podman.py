@@ -14,7 +14,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import tritonclient.http as httpclient
 from bioengine_executor_local import ContainerExecutor, LocalExecutorSettings
 
 from bioengine_core.contracts import ReplicaState
@@ -56,17 +58,20 @@ def podman() -> None:
 def podman_settings(**kw) -> LocalExecutorSettings:
     """Container mode running the host's pip-shipped tritonserver inside the test image."""
     install = find_triton()
-    site = install.binary.parents[3]  # .../site-packages (pytriton/ and nvidia_pytriton.libs/)
+    # The serving environment (tritonserver, its libraries, numpy for python-backend models) and
+    # the Python it was made from, at the same paths as on the host.
     mounts = []
-    for path in sorted({str(site), sys.base_prefix}):
+    for path in sorted({sys.prefix, sys.base_prefix}):
         mounts += ["--volume", f"{path}:{path}:ro"]
+    # The python backend stub finds its packages through the venv's python on PATH.
+    env = {**install.env, "PATH": f"{sys.prefix}/bin:/usr/local/bin:/usr/bin:/bin"}
     options = dict(
         container_engine="podman",
         image=IMAGE,
         container_triton=str(install.binary),
         container_options=PODMAN_OPTIONS + mounts,
         triton_args=[f"--backend-directory={install.backend_dir}"],
-        env=dict(install.env),
+        env=env,
         container_backends=list(install.backends),
         stop_grace=5,
     )
@@ -106,7 +111,7 @@ class TestPodmanConformance(ExecutorConformance):
 
 @pytest.mark.podman
 def test_exited_container_is_failed_with_exit_code(
-    podman, remove_containers, context, replica_spec
+    podman, remove_containers, context, replica_spec, identity_model
 ):
     """A container whose server exits is FAILED with the exit code and its output."""
     ex = ContainerExecutor(podman_settings(container_triton="/bin/sh", triton_args=[]), context)
@@ -123,3 +128,28 @@ def test_exited_container_is_failed_with_exit_code(
     ex.stop(replica.replica_id)
     assert ex.status(replica.replica_id).state is ReplicaState.STOPPED
     assert "Illegal option" in ex.logs(replica.replica_id)  # kept after removal
+
+
+@pytest.mark.podman
+def test_python_backend_model_serves_from_container(
+    podman, remove_containers, context, replica_spec, identity_model
+):
+    """A python-backend model loads and answers inside the container; stop needs no SIGKILL."""
+    ex = ContainerExecutor(podman_settings(), context)
+    replica = ex.start(replica_spec)
+    deadline = time.monotonic() + 90
+    status = ex.status(replica.replica_id)
+    while status.state is not ReplicaState.READY and time.monotonic() < deadline:
+        assert status.state.alive, status.message
+        time.sleep(0.3)
+        status = ex.status(replica.replica_id)
+    assert status.state is ReplicaState.READY, ex.logs(replica.replica_id)
+    client = httpclient.InferenceServerClient(status.url.split("://", 1)[1])
+    x = httpclient.InferInput("x", [4], "FP32")
+    x.set_data_from_numpy(np.arange(4, dtype=np.float32))
+    assert client.infer("ident", [x]).as_numpy("y").tolist() == [0, 1, 2, 3]
+    t0 = time.monotonic()
+    ex.stop(replica.replica_id, grace=10)  # client connection still open
+    assert time.monotonic() - t0 < 10, "podman stop had to SIGKILL"
+    client.close()
+    assert ex.status(replica.replica_id).state is ReplicaState.STOPPED

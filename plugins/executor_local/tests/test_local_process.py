@@ -215,37 +215,12 @@ def test_plugin_is_registered_by_entry_point(context):
     assert isinstance(executor, ProcessExecutor)
 
 
-IDENTITY_CONFIG = """name: "ident"
-backend: "python"
-max_batch_size: 0
-input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]
-output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]
-"""
-IDENTITY_MODEL = """import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        return [
-            pb_utils.InferenceResponse(
-                [pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy())]
-            )
-            for r in requests
-        ]
-"""
-
-
-def test_python_backend_replica_stops_cleanly(triton, context, replica_spec):
+def test_python_backend_replica_stops_cleanly(triton, context, replica_spec, identity_model):
     """A replica that served a request, with the client connection still open, stops on SIGTERM.
 
     Triton waits `--exit-timeout-secs` for open connections (the router keeps them open); the
     executor sets it below the grace, so neither the server nor its stubs need SIGKILL.
     """
-    model = Path(replica_spec.repository.uri) / "ident"
-    (model / "1").mkdir(parents=True)
-    (model / "config.pbtxt").write_text(IDENTITY_CONFIG)
-    (model / "1" / "model.py").write_text(IDENTITY_MODEL)
-    replica_spec.models = ["ident"]
     ex = ProcessExecutor(LocalExecutorSettings(), context)
     replica = ex.start(replica_spec)
     try:
