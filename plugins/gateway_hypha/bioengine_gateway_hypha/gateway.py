@@ -57,6 +57,13 @@ class HyphaGateway(Gateway):
 
     async def start(self, service: Service) -> None:
         """Start the embedded server (if any), connect, register, then keep it registered."""
+        try:
+            await self._start(service)
+        except BaseException:
+            await self.stop()  # leave no child server or open port behind
+            raise
+
+    async def _start(self, service: Service) -> None:
         s = self.settings
         self.state = STARTING
         self._stopping = asyncio.Event()

@@ -133,3 +133,20 @@ async def test_embedded_server_starts_serves_and_stops_with_the_gateway(
         import os
 
         os.kill(pid, 0)
+
+
+async def test_embedded_server_that_cannot_start_is_reported_with_its_log(
+    backend_context, toy_service
+):
+    from bioengine_gateway_hypha.server import HyphaServerError, hypha_installed
+
+    from bioengine_core.testing.pytest_plugin import require_service
+
+    require_service(hypha_installed(), "the Hypha server package (hypha[s3])")
+    gw = HyphaGateway(
+        HyphaGatewaySettings(embedded=True, server_args=["--no-such-option"]), backend_context
+    )
+    with pytest.raises(HyphaServerError, match=r"(?s)exited with code 2.*no-such-option"):
+        await gw.start(toy_service)
+    assert gw.info()["state"] == "stopped"
+    assert not gw.embedded.running()
