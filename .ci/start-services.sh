@@ -9,7 +9,7 @@ if [ "$(id -u)" != 0 ]; then
        "locally and fail in CI)" >&2
   exit 0
 fi
-for script in start-slurm.sh start-sshd.sh build-podman-image.sh; do
+for script in start-slurm.sh start-sshd.sh build-podman-image.sh start-s3.sh; do
   echo "== .ci/$script"
   bash ".ci/$script"
 done

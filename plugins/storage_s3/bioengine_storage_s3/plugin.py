@@ -1,0 +1,43 @@
+"""Hook implementation: register the `s3` storage."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bioengine_core.contracts import BackendContext, StorageType
+from bioengine_core.hookspecs import hookimpl
+
+from .settings import S3StorageSettings
+
+if TYPE_CHECKING:
+    from .storage import S3Storage
+
+
+def make_storage(*, settings: S3StorageSettings, context: BackendContext) -> S3Storage:
+    """Factory the core calls with the validated `[storage]` section."""
+    from .storage import S3Storage
+
+    sync_dir = None
+    if settings.mode == "sync":
+        sync_dir = (
+            context.resolve_path(settings.sync_dir)
+            if settings.sync_dir
+            else context.state_dir / "s3-mirror"
+        )
+    return S3Storage(
+        settings, sync_dir=sync_dir, progress=context.logger.getChild("storage.s3").info
+    )
+
+
+@hookimpl
+def bioengine_register_storages() -> list[StorageType]:
+    """The `s3` storage."""
+    return [
+        StorageType(
+            name="s3",
+            settings=S3StorageSettings,
+            factory=make_storage,
+            description="Model repository in an S3 bucket (AWS, MinIO, SeaweedFS, Ceph); "
+            "atomic, incremental publishing; Triton reads s3:// or a local mirror",
+        )
+    ]

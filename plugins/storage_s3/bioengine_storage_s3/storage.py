@@ -1,0 +1,668 @@
+"""S3Storage: the Triton model repository in an S3 bucket, published atomically and incrementally.
+
+Layout under `s3://BUCKET/PREFIX/`:
+
+    NAME/config.pbtxt, NAME/1/...        the model tree, exactly what Triton reads
+    .bioengine/models/NAME.json          the model's manifest: version id and, per file,
+                                         sha256, size and the ETag S3 gave the object
+
+A model exists (for `list`/`get`) once its manifest exists, and a publish becomes visible to
+`list`/`get` in one step: the single PUT of the new manifest. `get` downloads the files the
+manifest names and checks every one against the manifest's sha256; when a file does not match
+(a publish is in progress) it rereads the manifest and tries again, so it always returns one
+complete version.
+
+`put` is incremental: a file is uploaded only when its sha256 differs from the manifest's or the
+object in the bucket is not the one the manifest recorded (its ETag changed or it is missing).
+Within a publish the changed files are uploaded first, `config.pbtxt` last, then files of the
+old version that the new one lacks are deleted, then the manifest is written. What Triton sees:
+a model (re)loaded after `put()` returned reads exactly the new version, and a loaded model is
+unaffected by later publishes (Triton copies the tree at load). A load that overlaps a publish
+may read a mixture, so load only after publishing (the engine does). One publisher per
+repository: two engines publishing the same model at once is not supported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import boto3
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+
+from bioengine_core.contracts import RepositoryLocation, Storage
+from bioengine_core.errors import StorageError
+
+from .settings import S3StorageSettings
+
+log = logging.getLogger("bioengine.storage.s3")
+
+META = ".bioengine"
+CONFIG = "config.pbtxt"
+MANIFEST_FORMAT = 1
+_CHUNK = 1024 * 1024
+
+
+class S3StorageError(StorageError):
+    """An S3 request failed; `code` is S3's error code (`NoSuchBucket`, `AccessDenied`, ...)."""
+
+    def __init__(self, message: str, *, code: str = "", operation: str = "", key: str = ""):
+        super().__init__(message)
+        self.code = code
+        self.operation = operation
+        self.key = key
+
+
+class _Changing(Exception):
+    """A file did not match the manifest being read: a publish is in progress."""
+
+
+@dataclass
+class PublishReport:
+    """What one `put()` did: which files went over the wire and which stayed."""
+
+    name: str
+    version: str
+    uploaded: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    bytes_uploaded: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """One log line."""
+        return (
+            f"published {self.name} (version {self.version}): {len(self.uploaded)} file(s) "
+            f"uploaded ({_size(self.bytes_uploaded)}), {len(self.unchanged)} unchanged, "
+            f"{len(self.removed)} removed, in {self.seconds:.1f} s"
+        )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_name(name: str) -> str:
+    if (
+        not name
+        or "/" in name
+        or name.startswith(".")
+        or not all(c.isalnum() or c in "._-" for c in name)
+    ):
+        raise StorageError(
+            f"invalid model name {name!r}: letters, digits, '.', '-' and '_', not starting with '.'"
+        )
+    return name
+
+
+class _Progress:
+    """boto3 transfer callback that logs a large file's progress in 25 % steps."""
+
+    def __init__(self, label: str, total: int, report: Callable[[str], None]):
+        self.label, self.total, self.report = label, total, report
+        self.done = 0
+        self.next_step = 25
+        self.lock = threading.Lock()
+
+    def __call__(self, amount: int) -> None:
+        with self.lock:
+            self.done += amount
+            percent = 100 * self.done // max(self.total, 1)
+            if percent >= self.next_step and self.next_step <= 100:
+                self.report(f"{self.label}: {percent}% of {_size(self.total)}")
+                self.next_step = (percent // 25 + 1) * 25
+
+
+class S3Storage(Storage):
+    """Model repository in `s3://bucket/prefix/`; optionally mirrored to a local directory."""
+
+    def __init__(
+        self,
+        settings: S3StorageSettings,
+        *,
+        sync_dir: Path | None = None,
+        progress: Callable[[str], None] | None = None,
+    ):
+        self.settings = settings
+        self.bucket = settings.bucket
+        self.prefix = settings.prefix
+        self.progress = progress or log.info
+        self.last_publish: PublishReport | None = None
+        try:
+            self._credentials = settings.explicit_credentials()
+        except KeyError as exc:
+            raise StorageError(
+                f"[storage] names the environment variable {exc.args[0]} for S3 credentials, "
+                "but it is not set"
+            ) from None
+        creds = self._credentials or {}
+        self._client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=settings.endpoint_url,
+            region_name=settings.region,
+            aws_access_key_id=creds.get("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
+            aws_session_token=creds.get("AWS_SESSION_TOKEN"),
+            verify=settings.verify_tls,
+            config=Config(
+                s3={"addressing_style": "path" if settings.path_style() else "auto"},
+                retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+                max_pool_connections=max(10, 2 * settings.max_concurrency),
+                # Only checksums the server asked for: on-site S3 servers vary in support.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+        self._transfer = TransferConfig(
+            multipart_threshold=settings.multipart_threshold_mb * 1024 * 1024,
+            multipart_chunksize=max(8, settings.multipart_threshold_mb // 4) * 1024 * 1024,
+            max_concurrency=settings.max_concurrency,
+        )
+        self._bucket_checked = False
+        self._lock = threading.Lock()
+        self.sync_dir = Path(sync_dir) if sync_dir is not None else None
+        if settings.mode == "sync" and self.sync_dir is None:
+            raise StorageError('[storage] mode = "sync" needs a sync_dir')
+        self._synced = False
+
+    # ------------------------------------------------------------------ keys and errors
+
+    def _key(self, *parts: str) -> str:
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def _manifest_key(self, name: str) -> str:
+        return self._key(META, "models", f"{name}.json")
+
+    def _url(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def _error(self, exc: Exception, operation: str, key: str = "") -> S3StorageError:
+        """A StorageError carrying S3's error code, the operation and the object."""
+        where = self._url(key)
+        if self.settings.endpoint_url:
+            where += f" at {self.settings.endpoint_url}"
+        if isinstance(exc, botocore.exceptions.ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", "")) or str(
+                exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+            )
+            message = err.get("Message", "") or str(exc)
+            return S3StorageError(
+                f"S3 {operation} of {where} failed: {code}: {message}",
+                code=code,
+                operation=operation,
+                key=key,
+            )
+        if isinstance(exc, botocore.exceptions.NoCredentialsError):
+            return S3StorageError(
+                f"S3 {operation} of {where} failed: no credentials (set access_key_id and "
+                "secret_access_key, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)",
+                code="NoCredentials",
+                operation=operation,
+                key=key,
+            )
+        if isinstance(exc, botocore.exceptions.EndpointConnectionError):
+            return S3StorageError(
+                f"S3 {operation} of {where} failed: cannot connect to the endpoint ({exc})",
+                code="EndpointConnectionError",
+                operation=operation,
+                key=key,
+            )
+        name = type(exc).__name__
+        return S3StorageError(
+            f"S3 {operation} of {where} failed: {name}: {exc}",
+            code=name,
+            operation=operation,
+            key=key,
+        )
+
+    @staticmethod
+    def _code(exc: Exception) -> str:
+        if isinstance(exc, botocore.exceptions.ClientError):
+            return str(exc.response.get("Error", {}).get("Code", ""))
+        return ""
+
+    def _call(self, operation: str, key: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        try:
+            return fn(**kwargs)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._error(exc, operation, key) from exc
+
+    # ------------------------------------------------------------------ bucket
+
+    def ensure_bucket(self) -> None:
+        """Check that the bucket exists (create it when `create_bucket`); once per instance."""
+        if self._bucket_checked:
+            return
+        with self._lock:
+            if self._bucket_checked:
+                return
+            try:
+                self._client.head_bucket(Bucket=self.bucket)
+            except botocore.exceptions.ClientError as exc:
+                code = self._code(exc)
+                if code not in ("404", "NoSuchBucket", "NotFound"):
+                    raise self._error(exc, "HeadBucket") from exc
+                if not self.settings.create_bucket:
+                    raise S3StorageError(
+                        f"bucket {self.bucket!r} does not exist"
+                        + (
+                            f" at {self.settings.endpoint_url}"
+                            if self.settings.endpoint_url
+                            else ""
+                        )
+                        + ": create it, or set create_bucket = true in [storage]",
+                        code="NoSuchBucket",
+                        operation="HeadBucket",
+                    ) from exc
+                kwargs: dict[str, Any] = {"Bucket": self.bucket}
+                if self.settings.region != "us-east-1":
+                    kwargs["CreateBucketConfiguration"] = {
+                        "LocationConstraint": self.settings.region
+                    }
+                try:
+                    self._client.create_bucket(**kwargs)
+                    self.progress(f"created bucket {self.bucket}")
+                except botocore.exceptions.ClientError as exc2:
+                    if self._code(exc2) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise self._error(exc2, "CreateBucket") from exc2
+            except botocore.exceptions.BotoCoreError as exc:
+                raise self._error(exc, "HeadBucket") from exc
+            self._bucket_checked = True
+
+    def _list(self, prefix: str) -> Iterator[dict[str, Any]]:
+        """Every object below `prefix` (keys ending in `/` are directory markers: skipped)."""
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    if not obj["Key"].endswith("/"):
+                        yield obj
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._error(exc, "ListObjectsV2", prefix) from exc
+
+    def _delete_keys(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            batch = keys[start : start + 1000]
+            answer = self._call(
+                "DeleteObjects",
+                batch[0],
+                self._client.delete_objects,
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+            )
+            errors = [e for e in answer.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+            if errors:
+                first = errors[0]
+                raise S3StorageError(
+                    f"S3 DeleteObjects of {self._url(first.get('Key', ''))} failed: "
+                    f"{first.get('Code')}: {first.get('Message')}",
+                    code=str(first.get("Code", "")),
+                    operation="DeleteObjects",
+                    key=str(first.get("Key", "")),
+                )
+
+    # ------------------------------------------------------------------ manifests
+
+    def read_manifest(self, name: str) -> dict[str, Any] | None:
+        """The published manifest of `name` (version id, files with sha256/size/etag), or None."""
+        key = self._manifest_key(name)
+        try:
+            body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except botocore.exceptions.ClientError as exc:
+            if self._code(exc) in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise self._error(exc, "GetObject", key) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._error(exc, "GetObject", key) from exc
+        try:
+            manifest = json.loads(body)
+            if not isinstance(manifest.get("files"), dict):
+                raise ValueError("no files")
+        except ValueError as exc:
+            raise S3StorageError(
+                f"manifest {self._url(key)} is not valid ({exc}); delete and republish {name}",
+                code="InvalidManifest",
+                operation="GetObject",
+                key=key,
+            ) from None
+        return manifest
+
+    # ------------------------------------------------------------------ Storage contract
+
+    def put(self, name: str, source: Path) -> None:
+        """Publish `source` as `name`: upload changed files only, then swap the manifest."""
+        _check_name(name)
+        source = Path(source)
+        if not source.is_dir():
+            raise StorageError(f"cannot publish {name}: {source} is not a directory")
+        self.ensure_bucket()
+        started = time.monotonic()
+        local: dict[str, tuple[Path, int, str]] = {}
+        for path in sorted(source.rglob("*")):
+            if path.is_file():
+                rel = path.relative_to(source).as_posix()
+                local[rel] = (path, path.stat().st_size, _sha256(path))
+        if not local:
+            raise StorageError(f"cannot publish {name}: {source} holds no files")
+
+        tree = self._key(name) + "/"
+        old = self.read_manifest(name)
+        old_files: dict[str, Any] = old["files"] if old else {}
+        present = {obj["Key"][len(tree) :]: obj for obj in self._list(tree)}
+        report = PublishReport(name=name, version=uuid.uuid4().hex[:12])
+
+        def unchanged(rel: str) -> bool:
+            _, size, sha = local[rel]
+            before, obj = old_files.get(rel), present.get(rel)
+            return bool(
+                before
+                and obj
+                and before.get("sha256") == sha
+                and before.get("etag")
+                and before.get("etag") == obj.get("ETag")
+                and obj.get("Size") == size
+            )
+
+        changed = [rel for rel in local if not unchanged(rel)]
+        report.unchanged = [rel for rel in local if rel not in changed]
+        # config.pbtxt last: Triton decides what a model is from it.
+        body = [rel for rel in changed if rel != CONFIG]
+        last = [rel for rel in changed if rel == CONFIG]
+        with ThreadPoolExecutor(max_workers=self.settings.max_concurrency) as pool:
+            list(pool.map(lambda rel: self._upload(name, rel, local[rel]), body))
+        for rel in last:
+            self._upload(name, rel, local[rel])
+        report.uploaded = changed
+        report.bytes_uploaded = sum(local[rel][1] for rel in changed)
+
+        stale = sorted(rel for rel in present if rel not in local)
+        self._delete_keys([tree + rel for rel in stale])
+        report.removed = stale
+
+        # The ETags S3 gave the objects now in place: the next put compares against them.
+        etags = {obj["Key"][len(tree) :]: obj.get("ETag") for obj in self._list(tree)}
+        missing = [rel for rel in local if rel not in etags]
+        if missing:
+            raise S3StorageError(
+                f"published files of {name} are missing from {self._url(tree)} right after "
+                f"upload: {', '.join(missing[:5])} (another process deleting them?)",
+                code="NoSuchKey",
+                operation="ListObjectsV2",
+                key=tree + missing[0],
+            )
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "name": name,
+            "version": report.version,
+            "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "files": {
+                rel: {"sha256": sha, "size": size, "etag": etags[rel]}
+                for rel, (_, size, sha) in local.items()
+            },
+        }
+        key = self._manifest_key(name)
+        self._call(
+            "PutObject",
+            key,
+            self._client.put_object,
+            Bucket=self.bucket,
+            Key=key,
+            Body=json.dumps(manifest, indent=1, sort_keys=True).encode(),
+            ContentType="application/json",
+        )
+        report.seconds = time.monotonic() - started
+        self.last_publish = report
+        self.progress(report.summary())
+        if self.settings.mode == "sync":
+            self._sync_model(name, manifest)
+
+    def _upload(self, name: str, rel: str, item: tuple[Path, int, str]) -> None:
+        path, size, sha = item
+        key = self._key(name, rel)
+        callback = None
+        if size >= self._transfer.multipart_threshold:
+            callback = _Progress(f"uploading {name}/{rel}", size, self.progress)
+        try:
+            self._client.upload_file(
+                str(path),
+                self.bucket,
+                key,
+                ExtraArgs={"Metadata": {"sha256": sha}},
+                Config=self._transfer,
+                Callback=callback,
+            )
+        except boto3.exceptions.S3UploadFailedError as exc:
+            inner = exc.__cause__ or exc.__context__
+            cause = inner if isinstance(inner, Exception) else exc
+            raise self._error(cause, "PutObject", key) from exc
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._error(exc, "PutObject", key) from exc
+        except OSError as exc:
+            raise StorageError(f"cannot read {path} to publish {name}: {exc}") from exc
+
+    def _download(self, key: str, dest: Path, sha: str, size: int) -> None:
+        """Download `key` to `dest` and check its sha256; _Changing when it does not match."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        callback = None
+        if size >= self._transfer.multipart_threshold:
+            callback = _Progress(f"downloading {key}", size, self.progress)
+        try:
+            self._client.download_file(
+                self.bucket, key, str(dest), Config=self._transfer, Callback=callback
+            )
+        except botocore.exceptions.ClientError as exc:
+            if self._code(exc) in ("NoSuchKey", "404", "NotFound"):
+                raise _Changing(key) from exc
+            raise self._error(exc, "GetObject", key) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._error(exc, "GetObject", key) from exc
+        if _sha256(dest) != sha:
+            raise _Changing(key)
+
+    def _fetch_version(
+        self, name: str, into: Path, reuse: Callable[[str, dict[str, Any]], Path | None]
+    ) -> dict[str, Any]:
+        """Fill `into` with one complete published version of `name`; returns its manifest.
+
+        `reuse(rel, entry)` may name a local file with the same content (skips the download).
+        """
+        deadline = time.monotonic() + self.settings.read_timeout
+        delay = 0.05
+        last = ""
+        while True:
+            manifest = self.read_manifest(name)
+            if manifest is None:
+                raise StorageError(
+                    f"model {name!r} is not in the repository {self._url(self._key())}"
+                )
+            shutil.rmtree(into, ignore_errors=True)
+            into.mkdir(parents=True)
+            try:
+                jobs = []
+                for rel, entry in manifest["files"].items():
+                    target = into / rel
+                    same = reuse(rel, entry)
+                    if same is not None:
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        try:
+                            os.link(same, target)
+                        except OSError:
+                            shutil.copy2(same, target)
+                        continue
+                    jobs.append((self._key(name, rel), target, entry["sha256"], entry["size"]))
+                with ThreadPoolExecutor(max_workers=self.settings.max_concurrency) as pool:
+                    list(pool.map(lambda job: self._download(*job), jobs))
+                return manifest
+            except _Changing as exc:
+                last = str(exc)
+            if time.monotonic() > deadline:
+                raise StorageError(
+                    f"model {name!r} in {self._url(self._key())} does not match its manifest "
+                    f"(last: {last}) after {self.settings.read_timeout:.0f} s: it is being "
+                    "replaced continuously, or a publish was interrupted (publish it again)"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def get(self, name: str, dest: Path) -> Path:
+        """Copy one complete version of model `name` into `dest`; StorageError if absent."""
+        _check_name(name)
+        self.ensure_bucket()
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            self._fetch_version(name, tmp, lambda rel, entry: None)
+            shutil.copytree(tmp, dest, dirs_exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot write model {name!r} to {dest}: {exc}") from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+
+    def list(self) -> list[str]:
+        """Names with a manifest (published completely), sorted."""
+        self.ensure_bucket()
+        base = self._key(META, "models") + "/"
+        names = []
+        for obj in self._list(base):
+            rel = obj["Key"][len(base) :]
+            if rel.endswith(".json") and "/" not in rel:
+                names.append(rel[: -len(".json")])
+        return sorted(names)
+
+    def delete(self, name: str) -> None:
+        """Remove the manifest (the model disappears at once), then its files. Idempotent."""
+        _check_name(name)
+        self.ensure_bucket()
+        key = self._manifest_key(name)
+        self._call("DeleteObject", key, self._client.delete_object, Bucket=self.bucket, Key=key)
+        tree = self._key(name) + "/"
+        self._delete_keys([obj["Key"] for obj in self._list(tree)])
+        if self.sync_dir is not None:
+            self._unsync(name)
+        self.progress(f"deleted {name} from {self._url(tree)}")
+
+    def location(self) -> RepositoryLocation:
+        """`s3://...` plus credentials for replicas, or the local mirror in mode `sync`."""
+        if self.settings.mode == "sync":
+            assert self.sync_dir is not None
+            if not self._synced:
+                self.sync()
+            return RepositoryLocation(uri=str(self.sync_dir), local_path=self.sync_dir)
+        return RepositoryLocation(uri=self.settings.triton_uri(), env=self.replica_env())
+
+    def replica_env(self) -> dict[str, str]:
+        """Environment a Triton replica needs to read the bucket (region, credentials)."""
+        env = {"AWS_DEFAULT_REGION": self.settings.region, "AWS_REGION": self.settings.region}
+        env.update(self._credentials or {})
+        return env
+
+    # ------------------------------------------------------------------ local mirror (sync)
+
+    def sync(self) -> list[str]:
+        """Mirror every published model into `sync_dir` (unchanged files are kept); names."""
+        if self.sync_dir is None:
+            raise StorageError("this storage has no sync_dir")
+        self.sync_dir.mkdir(parents=True, exist_ok=True)
+        names = self.list()
+        for name in names:
+            manifest = self.read_manifest(name)
+            if manifest is not None:
+                self._sync_model(name, manifest)
+        for entry in self.sync_dir.iterdir():
+            if not entry.name.startswith(".") and entry.name not in names:
+                self._unsync(entry.name)
+        self._synced = True
+        return names
+
+    def _local_version(self, name: str) -> tuple[Path | None, dict[str, Any] | None]:
+        assert self.sync_dir is not None
+        try:
+            version = self.sync_dir / os.readlink(self.sync_dir / name)
+            manifest = json.loads((self.sync_dir / f".{name}.manifest.json").read_text())
+        except (OSError, ValueError):
+            return None, None
+        return version, manifest
+
+    def _sync_model(self, name: str, manifest: dict[str, Any]) -> None:
+        """Bring the mirror of `name` to `manifest`'s version: download only what changed."""
+        assert self.sync_dir is not None
+        self.sync_dir.mkdir(parents=True, exist_ok=True)
+        current, current_manifest = self._local_version(name)
+        if current is not None and current_manifest is not None:
+            if current_manifest.get("version") == manifest.get("version") and current.is_dir():
+                return
+        old_files = (current_manifest or {}).get("files", {})
+
+        def reuse(rel: str, entry: dict[str, Any]) -> Path | None:
+            before = old_files.get(rel)
+            if current is not None and before and before.get("sha256") == entry["sha256"]:
+                path = current / rel
+                if path.is_file():
+                    return path
+            return None
+
+        tag = uuid.uuid4().hex[:8]
+        tmp = self.sync_dir / f".{name}.{tag}.tmp"
+        try:
+            fetched = self._fetch_version(name, tmp, reuse)
+            version = self.sync_dir / f".{name}.{fetched['version']}.{tag}.v"
+            os.rename(tmp, version)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        manifest_tmp = self.sync_dir / f".{name}.{tag}.json"
+        manifest_tmp.write_text(json.dumps(fetched))
+        link = self.sync_dir / f".{name}.{tag}.lnk"
+        os.symlink(version.name, link)
+        target = self.sync_dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(link, target)
+        os.replace(manifest_tmp, self.sync_dir / f".{name}.manifest.json")
+        if current is not None and current != version:
+            shutil.rmtree(current, ignore_errors=True)
+        self.progress(f"mirrored {name} (version {fetched['version']}) to {target}")
+
+    def _unsync(self, name: str) -> None:
+        assert self.sync_dir is not None
+        current, _ = self._local_version(name)
+        target = self.sync_dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+        (self.sync_dir / f".{name}.manifest.json").unlink(missing_ok=True)
+        if current is not None:
+            shutil.rmtree(current, ignore_errors=True)
+
+    def close(self) -> None:
+        """Release the HTTP connections."""
+        self._client.close()
