@@ -9,8 +9,8 @@ import pytest
 
 from bioengine_core.contracts import ReplicaSpec, RepositoryLocation
 from bioengine_core.storage_local import LocalStorage
-from bioengine_core.testing.executor import ExecutorConformance
-from bioengine_core.testing.memory import FAULTS, MemoryExecutor
+from bioengine_core.testing.executor import ExecutorConformance, ManagedExecutorConformance
+from bioengine_core.testing.memory import FAULTS, ManagedMemoryExecutor, MemoryExecutor
 from bioengine_core.testing.storage import StorageConformance
 
 pytest_plugins = ["pytester"]
@@ -44,6 +44,18 @@ class TestMemoryExecutor(ExecutorConformance):
         )
 
 
+class TestManagedMemoryExecutor(ManagedExecutorConformance, TestMemoryExecutor):
+    """The in-memory executor in the managed style passes the managed suite (scale())."""
+
+    @pytest.fixture
+    def executor(self, namespace):
+        return ManagedMemoryExecutor(namespace)
+
+    @pytest.fixture
+    def restarted_executor(self, namespace):
+        return ManagedMemoryExecutor(namespace)
+
+
 class TestLocalStorage(StorageConformance):
     """The built-in local-directory storage passes the storage suite."""
 
@@ -58,11 +70,11 @@ BROKEN_SUITE = """
 import uuid
 import pytest
 from bioengine_core.contracts import ReplicaSpec, RepositoryLocation
-from bioengine_core.testing.executor import ExecutorConformance
+from bioengine_core.testing.executor import ExecutorConformance, ManagedExecutorConformance
 from bioengine_core.testing.memory import BrokenExecutor, MemoryExecutor
 
 
-class TestBroken(ExecutorConformance):
+class TestBroken({base}):
     ready_timeout = 3.0
     stop_timeout = 1.0
     poll_interval = 0.05
@@ -75,11 +87,11 @@ class TestBroken(ExecutorConformance):
 
     @pytest.fixture
     def executor(self, namespace):
-        return BrokenExecutor(namespace, faults=[{fault!r}], ready_delay=0.1)
+        return BrokenExecutor(namespace, faults=[{fault!r}], ready_delay=0.1, managed={managed})
 
     @pytest.fixture
     def restarted_executor(self, namespace):
-        return BrokenExecutor(namespace, faults=[{fault!r}], ready_delay=0.1)
+        return BrokenExecutor(namespace, faults=[{fault!r}], ready_delay=0.1, managed={managed})
 
     @pytest.fixture
     def replica_spec(self, tmp_path):
@@ -97,7 +109,10 @@ EXPECTED_FAILURES = {
     "start_blocks": {"test_start_returns_promptly_pending_or_starting"},
     "unknown_is_failed": {"test_status_of_unknown_replica_is_stopped"},
     "same_url": {"test_two_replicas_have_distinct_urls"},
+    "scale_down_ignored": {"test_scale_to_zero_removes_replicas"},
 }
+MANAGED_FAULTS = {"scale_down_ignored"}
+"""Faults of the scale() path: the suite runs them against a managing executor."""
 
 
 def test_every_fault_has_an_expectation() -> None:
@@ -109,7 +124,10 @@ def test_every_fault_has_an_expectation() -> None:
 def test_suite_reports_broken_executor(pytester: pytest.Pytester, fault: str) -> None:
     """Running the suite against a BrokenExecutor fails the tests guarding the broken rule."""
     pytester.makeini(PYTESTER_INI)
-    pytester.makepyfile(test_broken=BROKEN_SUITE.format(fault=fault))
+    managed = fault in MANAGED_FAULTS
+    base = "ManagedExecutorConformance" if managed else "ExecutorConformance"
+    source = BROKEN_SUITE.format(fault=fault, managed=managed, base=base)
+    pytester.makepyfile(test_broken=source)
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-q")
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) + outcomes.get("errors", 0) > 0, result.stdout.str()
@@ -122,8 +140,8 @@ def test_suite_reports_broken_executor(pytester: pytest.Pytester, fault: str) ->
 
 def test_suite_passes_reference_executor_in_pytester(pytester: pytest.Pytester) -> None:
     """The same pytester harness reports no failure for the unbroken MemoryExecutor."""
-    source = BROKEN_SUITE.format(fault="x").replace(
-        "BrokenExecutor(namespace, faults=['x'], ready_delay=0.1)",
+    source = BROKEN_SUITE.format(fault="x", managed=False, base="ExecutorConformance").replace(
+        "BrokenExecutor(namespace, faults=['x'], ready_delay=0.1, managed=False)",
         "MemoryExecutor(namespace, ready_delay=0.1)",
     )
     pytester.makeini(PYTESTER_INI)

@@ -44,6 +44,10 @@ The subclass name must start with `Test` so that pytest collects it. Fixtures yo
 They may also live in a `conftest.py`; if one is missing, pytest reports "fixture 'executor' not
 found" for every test of the suite.
 
+Executors with `manages_replicas = True` (a platform such as Kubernetes keeps the replicas
+alive) subclass `ManagedExecutorConformance` instead, with the same fixtures: it drives them
+through `scale()` (scale up, adopt after a restart, scale to zero) in place of `start()`/`stop()`.
+
 Class attributes tune the timeouts (`ready_timeout`, `start_timeout`, `stop_timeout`,
 `stop_grace`) and `unknown_replica_id` (an id your backend has never issued). Every replica a
 test starts is stopped afterwards through the `launch` fixture, so a failing test does not leave
@@ -119,6 +123,11 @@ class ExecutorConformance:
     @pytest.fixture
     def launch(self, executor: Executor) -> Iterator[Callable[..., ReplicaStatus]]:
         """`launch(spec)` starts a replica (timing it) and stops it again at teardown."""
+        if executor.manages_replicas:
+            pytest.fail(
+                "the executor manages replicas itself: subclass ManagedExecutorConformance",
+                pytrace=False,
+            )
         started: list[str] = []
 
         def _launch(spec: ReplicaSpec, on: Executor | None = None) -> ReplicaStatus:
@@ -281,3 +290,78 @@ class ExecutorConformance:
     def test_status_of_unknown_replica_is_stopped(self, executor) -> None:
         """status() of an id the backend never issued is STOPPED."""
         assert executor.status(self.unknown_replica_id).state is ReplicaState.STOPPED
+
+
+class ManagedExecutorConformance(ExecutorConformance):
+    """The suite for executors with `manages_replicas = True`: replicas come from `scale()`.
+
+    Same fixtures and attributes as ExecutorConformance; the tests that call `start()` are
+    replaced by the `test_scale_*` tests below, the others (unknown ids, preview) still apply.
+    """
+
+    test_start_returns_promptly_pending_or_starting = None
+    test_replica_becomes_ready_and_url_answers = None
+    test_two_replicas_have_distinct_urls = None
+    test_logs_returns_text = None
+    test_list_reports_replicas_of_its_deployment_only = None
+    test_list_omits_stopped_replicas = None
+    test_restarted_executor_adopts_running_replicas = None
+    test_stop_stops_and_is_idempotent = None
+
+    # ------------------------------------------------------------------ tests: scale()
+
+    @pytest.fixture
+    def scaled(self, executor: Executor, spec: ReplicaSpec) -> Iterator[Callable[[int], None]]:
+        """`scaled(n)` calls scale(spec, n) on a managing executor; scales to 0 at teardown."""
+        if not executor.manages_replicas:
+            pytest.fail("ManagedExecutorConformance needs manages_replicas = True", pytrace=False)
+        yield lambda n: executor.scale(spec, n)
+        executor.scale(spec, 0)
+
+    def wait_listed(
+        self, executor: Executor, deployment: str, count: int, timeout: float
+    ) -> list[ReplicaStatus]:
+        """Poll list() until exactly `count` replicas are listed, all READY when count > 0."""
+        deadline = time.monotonic() + timeout
+        while True:
+            listed = executor.list(deployment)
+            if len(listed) == count and all(s.state is ReplicaState.READY for s in listed):
+                return listed
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"list({deployment!r}) shows {[(s.replica_id, s.state.value) for s in listed]}"
+                    f", expected {count} ready replica(s) within {timeout} s",
+                    pytrace=False,
+                )
+            time.sleep(self.poll_interval)
+
+    def test_scale_up_reports_ready_replicas(self, executor, scaled, spec, other_spec) -> None:
+        """scale(spec, 2) yields two READY replicas with distinct answering urls and labels."""
+        scaled(2)
+        listed = self.wait_listed(executor, spec.deployment, 2, self.ready_timeout)
+        urls = {s.url for s in listed}
+        assert len(urls) == 2 and all(u and http_ready(u) for u in urls), urls
+        for status in listed:
+            assert status.labels.get(DEPLOYMENT_LABEL) == spec.deployment, status.labels
+            assert executor.status(status.replica_id).state is ReplicaState.READY
+        assert executor.list(other_spec.deployment) == []
+
+    def test_scale_restarted_executor_adopts(
+        self, executor, restarted_executor, scaled, spec
+    ) -> None:
+        """A new executor instance lists the replicas that scale() created."""
+        scaled(1)
+        (before,) = self.wait_listed(executor, spec.deployment, 1, self.ready_timeout)
+        (after,) = self.wait_listed(restarted_executor, spec.deployment, 1, self.ready_timeout)
+        assert (after.replica_id, after.url) == (before.replica_id, before.url)
+
+    def test_scale_to_zero_removes_replicas(self, executor, scaled, spec) -> None:
+        """scale(spec, 0) removes every replica; their urls stop answering."""
+        scaled(1)
+        (status,) = self.wait_listed(executor, spec.deployment, 1, self.ready_timeout)
+        scaled(0)
+        self.wait_listed(executor, spec.deployment, 0, self.stop_timeout)
+        deadline = time.monotonic() + self.stop_timeout
+        while http_ready(status.url, timeout=1.0) and time.monotonic() < deadline:
+            time.sleep(self.poll_interval)
+        assert not http_ready(status.url, timeout=1.0), f"{status.url} answers after scale(0)"

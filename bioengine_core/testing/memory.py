@@ -170,6 +170,20 @@ class MemoryExecutor(Executor):
             replica.shutdown()
 
 
+class ManagedMemoryExecutor(MemoryExecutor):
+    """A MemoryExecutor that manages replicas itself (like a Kubernetes Deployment): use scale()."""
+
+    manages_replicas: ClassVar[bool] = True
+
+    def scale(self, spec: ReplicaSpec, replicas: int) -> None:
+        """Start or stop replicas of `spec.deployment` until `replicas` run."""
+        current = sorted(self.list(spec.deployment), key=lambda s: s.replica_id)
+        for _ in range(replicas - len(current)):
+            self.start(spec)
+        for status in current[max(replicas, 0) :]:
+            self.stop(status.replica_id)
+
+
 FAULTS: dict[str, str] = {
     "stop_noop": "stop() does nothing: the replica keeps running and answering",
     "list_drops_labels": "list() reports replicas without their labels",
@@ -178,16 +192,28 @@ FAULTS: dict[str, str] = {
     "start_blocks": "start() waits until the replica is ready and returns READY",
     "unknown_is_failed": "status() of an unknown id says FAILED instead of STOPPED",
     "same_url": "every replica reports the url of the first one",
+    "scale_down_ignored": "(managed) scale() adds replicas but never removes any",
 }
 """The faults BrokenExecutor can inject, with what each breaks."""
 
 
-class BrokenExecutor(MemoryExecutor):
-    """A MemoryExecutor that violates the contract in the ways named by `faults` (see FAULTS)."""
+class BrokenExecutor(ManagedMemoryExecutor):
+    """A MemoryExecutor that violates the contract in the ways named by `faults` (see FAULTS).
+
+    It manages replicas itself (scale()) only when constructed with `managed=True`.
+    """
+
+    manages_replicas: ClassVar[bool] = False
 
     def __init__(
-        self, namespace: str = "broken", *, faults: Iterable[str], ready_delay: float = 0.3
+        self,
+        namespace: str = "broken",
+        *,
+        faults: Iterable[str],
+        ready_delay: float = 0.3,
+        managed: bool = False,
     ):
+        self.manages_replicas = managed  # type: ignore[misc]  (per instance here)
         self.faults = set(faults)
         unknown = self.faults - set(FAULTS)
         if unknown:
@@ -235,3 +261,9 @@ class BrokenExecutor(MemoryExecutor):
             for status in statuses:
                 status.labels = {}
         return statuses
+
+    def scale(self, spec: ReplicaSpec, replicas: int) -> None:
+        """Fault scale_down_ignored: only ever add replicas."""
+        if "scale_down_ignored" in self.faults:
+            replicas = max(replicas, len(self.list(spec.deployment)))
+        super().scale(spec, replicas)
