@@ -301,8 +301,6 @@ class SlurmExecutor(Executor):
             "output": str(out) if out else str(self.paths.logs / f"{name or '*'}-{job_id}.out"),
             "endpoint_file": str(self.paths.endpoints / f"{job_id}.json"),
         }
-        if self.settings.successor_lead is not None:
-            details["successor_lead"] = self.settings.successor_lead
         if job is not None:
             details.update(
                 slurm_state=job.state,

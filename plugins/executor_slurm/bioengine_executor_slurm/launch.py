@@ -65,6 +65,9 @@ def build_command(args: argparse.Namespace, ports: list[int]) -> tuple[list[str]
         env.update(install.env)
     else:
         install = TritonInstall(binary=Path(CONTAINER_TRITON))
+    extra = list(args.triton_arg)
+    if args.exit_timeout is not None:
+        extra.insert(0, f"--exit-timeout-secs={args.exit_timeout}")
     cmd = triton_args(
         install,
         args.repository,
@@ -73,7 +76,7 @@ def build_command(args: argparse.Namespace, ports: list[int]) -> tuple[list[str]
         metrics_port=metrics,
         address=args.bind_address,
         models=args.model,
-        extra=args.triton_arg,
+        extra=extra,
     )
     cmd[0] = str(install.binary) if args.container == "none" else CONTAINER_TRITON
     if args.container in ("apptainer", "singularity"):
@@ -122,6 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bind-address", default="0.0.0.0")
     p.add_argument("--advertise-host")
     p.add_argument("--ready-timeout", type=float, default=600.0)
+    p.add_argument("--exit-timeout", type=int, default=None)
     p.add_argument("--triton-binary")
     p.add_argument(
         "--container",

@@ -110,6 +110,8 @@ def launch_command(
     if settings.advertise_host:
         opt("--advertise-host", settings.advertise_host)
     opt("--ready-timeout", f"{settings.ready_timeout:g}")
+    if not any(a.startswith("--exit-timeout-secs") for a in settings.triton_args):
+        opt("--exit-timeout", settings.exit_timeout)
     if settings.container == "none":
         if settings.triton_binary:
             opt("--triton-binary", settings.triton_binary)

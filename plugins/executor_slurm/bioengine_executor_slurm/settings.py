@@ -72,6 +72,13 @@ class SlurmSettings(BackendSettings):
     triton_args: list[str] = Field(
         default_factory=list, description="Extra tritonserver arguments."
     )
+    exit_timeout: int = Field(
+        3,
+        ge=0,
+        description="tritonserver `--exit-timeout-secs`: how long Triton waits after SIGTERM for "
+        "in-flight requests and open connections (the router keeps connections open); keep it "
+        "below the stop grace and the cluster's KillWait.",
+    )
     bind_address: str = Field(
         "0.0.0.0", description="Address Triton listens on, on the compute node."
     )
@@ -99,12 +106,6 @@ class SlurmSettings(BackendSettings):
     )
     ready_timeout: float = Field(
         600.0, gt=0, description="Seconds a started job may take for Triton to answer ready."
-    )
-    successor_lead: float | None = Field(
-        None,
-        ge=0,
-        description="Start a successor this many seconds before a job's time limit (overrides "
-        "[engine] successor_lead for this executor; shown in status details).",
     )
     poll_interval: float = Field(
         5.0, gt=0, description="Seconds a squeue answer is reused (one squeue for all replicas)."

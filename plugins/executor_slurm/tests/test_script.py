@@ -268,3 +268,12 @@ def test_parse_squeue_text_and_newer_json_layout() -> None:
         }
     )
     assert newer.state == "PENDING" and newer.time_limit_s == 7200.0 and newer.start_time is None
+
+
+def test_every_setting_is_documented() -> None:
+    """docs/slurm.md's settings table lists every key of [executor] kind = "slurm"."""
+    docs = (Path(__file__).resolve().parents[3] / "docs" / "slurm.md").read_text()
+    missing = [
+        name for name in SlurmSettings.model_fields if name != "kind" if f"| `{name}` |" not in docs
+    ]
+    assert missing == [], f"settings missing from docs/slurm.md: {missing}"

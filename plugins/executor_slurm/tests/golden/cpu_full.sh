@@ -34,5 +34,6 @@ exec /opt/bioengine/venv/bin/python -m bioengine_executor_slurm.launch \
     --bind-address 0.0.0.0 \
     --advertise-host node-ib.cluster.local \
     --ready-timeout 600 \
+    --exit-timeout 3 \
     --triton-binary /opt/tritonserver/bin/tritonserver \
     --triton-arg=--log-verbose=1

@@ -23,6 +23,7 @@ exec /opt/bioengine/venv/bin/python -m bioengine_executor_slurm.launch \
     --model stardist \
     --bind-address 0.0.0.0 \
     --ready-timeout 600 \
+    --exit-timeout 3 \
     --container docker \
     --image nvcr.io/nvidia/tritonserver:24.08-py3 \
     --pass-env AWS_ACCESS_KEY_ID \

@@ -27,6 +27,7 @@ exec /opt/bioengine/venv/bin/python -m bioengine_executor_slurm.launch \
     --model stardist \
     --bind-address 0.0.0.0 \
     --ready-timeout 600 \
+    --exit-timeout 3 \
     --container apptainer \
     --image /shared/images/tritonserver_24.08-py3.sif \
     --bind /shared/bioengine/repository \

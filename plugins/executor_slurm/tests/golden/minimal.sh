@@ -20,4 +20,5 @@ exec /opt/bioengine/venv/bin/python -m bioengine_executor_slurm.launch \
     --model unet2d_nuclei_broad \
     --model stardist \
     --bind-address 0.0.0.0 \
-    --ready-timeout 600
+    --ready-timeout 600 \
+    --exit-timeout 3

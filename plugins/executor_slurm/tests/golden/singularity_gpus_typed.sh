@@ -22,6 +22,7 @@ exec /opt/bioengine/venv/bin/python -m bioengine_executor_slurm.launch \
     --model stardist \
     --bind-address 0.0.0.0 \
     --ready-timeout 600 \
+    --exit-timeout 3 \
     --container singularity \
     --image /images/triton.sif \
     --bind /shared/bioengine/repository \
