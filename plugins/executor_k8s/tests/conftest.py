@@ -9,9 +9,12 @@ is synchronous.
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +156,7 @@ def make_settings(kubeconfig: Path, **overrides: Any) -> K8sSettings:
 @pytest.fixture
 def settings_for(kubeconfig: Path) -> Any:
     """`settings_for(**overrides)`: settings for the emulator with some values changed."""
+
     def settings(**overrides: Any) -> K8sSettings:
         return make_settings(overrides.pop("kubeconfig", kubeconfig), **overrides)
 
@@ -176,3 +180,161 @@ def spec(deployment: str) -> ReplicaSpec:
         models=["affable-shark", "unet2d"],
         labels={"bioengine.deployment": deployment},
     )
+
+
+# --------------------------------------------------------------------------- simulated cluster
+
+
+class _ReadyHandler(BaseHTTPRequestHandler):
+    """Answers Triton's health endpoints with 200 (what a ready Triton in a pod answers)."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        ok = self.path in ("/v2/health/ready", "/v2/health/live")
+        self.send_response(200 if ok else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class SimulatedCluster:
+    """Plays the ReplicaSet controller and the kubelet against the emulator, in a thread.
+
+    kmock runs no controllers, so this loop does their visible part: it gives every Deployment
+    as many pods as its `spec.replicas` (deleting the newest extras), marks each new pod Running
+    and Ready with its own loopback address 127.0.0.N, and serves the health endpoints there on
+    the pod's HTTP port. Nothing else of Kubernetes (scheduling, probes, images) is simulated.
+    """
+
+    def __init__(self, api_client: Any, namespace: str, http_port: int):
+        from kubernetes import client as k8s
+
+        self.core = k8s.CoreV1Api(api_client)
+        self.apps = k8s.AppsV1Api(api_client)
+        self.ns = namespace
+        self.http_port = http_port
+        self.servers: dict[str, ThreadingHTTPServer] = {}
+        self._next_ip = 2
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                self.reconcile()
+            except Exception:  # noqa: BLE001 - the emulator may be mid-request; retry
+                pass
+
+    def _pods(self) -> list[dict[str, Any]]:
+        resp = self.core.list_namespaced_pod(self.ns, _preload_content=False)
+        return json.loads(resp.data).get("items") or []
+
+    def reconcile(self) -> None:
+        """One pass of the controller and the kubelet."""
+        deployments = (
+            json.loads(
+                self.apps.list_namespaced_deployment(self.ns, _preload_content=False).data
+            ).get("items")
+            or []
+        )
+        pods = self._pods()
+        for dep in deployments:
+            selector = dep["spec"]["selector"]["matchLabels"]
+            owned = [
+                p
+                for p in pods
+                if all((p["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())
+            ]
+            want = dep["spec"].get("replicas", 1)
+            for _ in range(want - len(owned)):
+                name = f"{dep['metadata']['name']}-{uuid.uuid4().hex[:10]}"
+                template = dep["spec"]["template"]
+                self.core.create_namespaced_pod(
+                    self.ns,
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Pod",
+                        "metadata": {"name": name, "labels": template["metadata"]["labels"]},
+                        "spec": template["spec"],
+                    },
+                )
+            for extra in sorted(owned, key=lambda p: p["metadata"]["name"])[max(want, 0) :]:
+                self.core.delete_namespaced_pod(extra["metadata"]["name"], self.ns)
+        # the kubelet: start "Triton" for new pods, stop it for deleted ones
+        pods = self._pods()
+        alive = {p["metadata"]["name"] for p in pods}
+        for pod in pods:
+            name = pod["metadata"]["name"]
+            if name in self.servers or (pod.get("status") or {}).get("podIP"):
+                continue
+            ip = f"127.0.0.{self._next_ip}"
+            self._next_ip += 1
+            server = ThreadingHTTPServer((ip, self.http_port), _ReadyHandler)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            self.servers[name] = server
+            self.core.patch_namespaced_pod(
+                name,
+                self.ns,
+                {
+                    "spec": {"nodeName": "sim-node"},
+                    "status": {
+                        "phase": "Running",
+                        "podIP": ip,
+                        "conditions": [
+                            {"type": "PodScheduled", "status": "True"},
+                            {"type": "Ready", "status": "True"},
+                        ],
+                    },
+                },
+                _content_type="application/merge-patch+json",
+            )
+        for name in list(self.servers):
+            if name not in alive:
+                self._shutdown(name)
+
+    def _shutdown(self, name: str) -> None:
+        server = self.servers.pop(name)
+        server.shutdown()
+        server.server_close()
+
+    def close(self) -> None:
+        """Stop the loop and every health server."""
+        self._stop.set()
+        self.thread.join(10)
+        for name in list(self.servers):
+            self._shutdown(name)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def sim_namespace() -> str:
+    """A namespace of its own, so the simulated controller sees only this test's objects."""
+    return f"sim-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def http_port() -> int:
+    """The pods' Triton HTTP port (each simulated pod listens on it at its own 127.0.0.N)."""
+    return free_port()
+
+
+@pytest.fixture
+def simulated_cluster(
+    kubeconfig: Path, sim_namespace: str, http_port: int
+) -> Iterator[SimulatedCluster]:
+    """kmock plus a simulated ReplicaSet controller and kubelet for one namespace."""
+    from bioengine_executor_k8s import make_api_client
+
+    api_client = make_api_client(K8sSettings(kind="k8s", kubeconfig=str(kubeconfig)))
+    sim = SimulatedCluster(api_client, sim_namespace, http_port)
+    yield sim
+    sim.close()
+    api_client.close()
