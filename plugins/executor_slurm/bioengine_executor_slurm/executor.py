@@ -40,9 +40,6 @@ FAILURE_REASONS = {
     "OutOfMemory": "the job exceeded its memory (raise [executor] memory)",
 }
 
-# Native backends of NVIDIA's Triton container images.
-CONTAINER_BACKENDS = ["onnxruntime", "python", "pytorch", "tensorrt"]
-
 
 class SlurmExecutor(Executor):
     """Runs each Triton replica as a Slurm batch job and tracks it with squeue."""
@@ -374,7 +371,7 @@ class SlurmExecutor(Executor):
     def triton_backends(self) -> list[str]:
         """Backends of the Triton the jobs run (detected locally, or a container's)."""
         if self.settings.container != "none":
-            return list(CONTAINER_BACKENDS)
+            return list(self.settings.container_backends)
         try:
             backends = find_triton(self.settings.triton_binary).backends
         except ExecutorError:

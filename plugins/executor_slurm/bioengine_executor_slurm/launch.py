@@ -23,8 +23,6 @@ from pathlib import Path
 from bioengine_core.errors import ExecutorError
 from bioengine_core.triton import TritonInstall, find_triton, is_ready, triton_args
 
-CONTAINER_TRITON = "tritonserver"
-
 
 def log(message: str) -> None:
     """A line in the job's output file, marked as the launcher's."""
@@ -64,7 +62,7 @@ def build_command(args: argparse.Namespace, ports: list[int]) -> tuple[list[str]
         install = find_triton(args.triton_binary)
         env.update(install.env)
     else:
-        install = TritonInstall(binary=Path(CONTAINER_TRITON))
+        install = TritonInstall(binary=Path(args.container_triton))
     extra = list(args.triton_arg)
     if args.exit_timeout is not None:
         extra.insert(0, f"--exit-timeout-secs={args.exit_timeout}")
@@ -78,7 +76,7 @@ def build_command(args: argparse.Namespace, ports: list[int]) -> tuple[list[str]
         models=args.model,
         extra=extra,
     )
-    cmd[0] = str(install.binary) if args.container == "none" else CONTAINER_TRITON
+    cmd[0] = str(install.binary) if args.container == "none" else args.container_triton
     if args.container in ("apptainer", "singularity"):
         prefix = [args.container, "exec", "--cleanenv"]
         if args.gpus:
@@ -91,8 +89,7 @@ def build_command(args: argparse.Namespace, ports: list[int]) -> tuple[list[str]
                 env[f"SINGULARITYENV_{name}"] = env[name]
         cmd = prefix + list(args.container_option) + [args.image] + cmd
     elif args.container in ("podman", "docker"):
-        job = os.environ.get("SLURM_JOB_ID", str(os.getpid()))
-        prefix = [args.container, "run", "--rm", "--network=host", f"--name=bioengine-{job}"]
+        prefix = [args.container, "run", "--rm", "--network=host", f"--name={container_name(args)}"]
         if args.gpus:
             prefix.append(
                 "--gpus=all" if args.container == "docker" else "--device=nvidia.com/gpu=all"
@@ -103,6 +100,25 @@ def build_command(args: argparse.Namespace, ports: list[int]) -> tuple[list[str]
             prefix += ["--env", name]
         cmd = prefix + list(args.container_option) + [args.image] + cmd
     return cmd, env
+
+
+def container_name(args: argparse.Namespace) -> str:
+    """The docker/podman container name of this job's Triton."""
+    return f"bioengine-{args.job_id or os.getpid()}"
+
+
+def remove_container(args: argparse.Namespace) -> None:
+    """Remove the job's docker/podman container: it must not outlive the job (best effort)."""
+    if args.container not in ("podman", "docker"):
+        return
+    try:
+        subprocess.run(
+            [args.container, "rm", "--force", container_name(args)],
+            capture_output=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log(f"could not remove container {container_name(args)}: {exc}")
 
 
 def advertised_host(args: argparse.Namespace) -> str:
@@ -133,6 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["none", "apptainer", "singularity", "podman", "docker"],
     )
     p.add_argument("--image")
+    p.add_argument("--container-triton", default="tritonserver")
     p.add_argument("--container-option", action="append", default=[])
     p.add_argument("--bind", action="append", default=[])
     p.add_argument("--pass-env", action="append", default=[])
@@ -154,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def finish(code: int, reason: str) -> int:
         endpoint.unlink(missing_ok=True)
+        remove_container(args)
         write_json(
             exit_file,
             {"job_id": job_id, "exit_code": code, "reason": reason, "ended_at": time.time()},

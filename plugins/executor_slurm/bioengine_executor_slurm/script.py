@@ -118,6 +118,7 @@ def launch_command(
     else:
         opt("--container", settings.container)
         opt("--image", settings.image)
+        opt("--container-triton", settings.container_triton)
         for option in settings.container_options:
             opt("--container-option", option)
         if spec.repository.local_path is not None:

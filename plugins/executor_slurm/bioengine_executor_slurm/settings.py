@@ -58,6 +58,15 @@ class SlurmSettings(BackendSettings):
         description="Container image (a .sif file for apptainer/singularity, an image name for "
         "podman/docker); required unless container = 'none'.",
     )
+    container_triton: str = Field(
+        "tritonserver",
+        description="The tritonserver command inside the container (a path if not on its PATH).",
+    )
+    container_backends: list[str] = Field(
+        default_factory=lambda: ["onnxruntime", "python", "pytorch", "tensorrt"],
+        description="Triton backends the image has (NVIDIA's images: onnxruntime, python, "
+        "pytorch, tensorrt); the repository builder uses native backends only when listed.",
+    )
     container_options: list[str] = Field(
         default_factory=list, description="Extra arguments for the container runtime's run/exec."
     )

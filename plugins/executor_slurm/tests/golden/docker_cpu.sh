@@ -26,5 +26,6 @@ exec /opt/bioengine/venv/bin/python -m bioengine_executor_slurm.launch \
     --exit-timeout 3 \
     --container docker \
     --image nvcr.io/nvidia/tritonserver:24.08-py3 \
+    --container-triton tritonserver \
     --pass-env AWS_ACCESS_KEY_ID \
     --pass-env AWS_SECRET_ACCESS_KEY

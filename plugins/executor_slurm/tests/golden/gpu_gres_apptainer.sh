@@ -30,5 +30,6 @@ exec /opt/bioengine/venv/bin/python -m bioengine_executor_slurm.launch \
     --exit-timeout 3 \
     --container apptainer \
     --image /shared/images/tritonserver_24.08-py3.sif \
+    --container-triton tritonserver \
     --bind /shared/bioengine/repository \
     --gpus 2

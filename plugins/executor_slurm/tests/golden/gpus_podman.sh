@@ -27,6 +27,7 @@ exec /opt/bioengine/venv/bin/python -m bioengine_executor_slurm.launch \
     --exit-timeout 3 \
     --container podman \
     --image nvcr.io/nvidia/tritonserver:24.08-py3 \
+    --container-triton tritonserver \
     --container-option=--shm-size=1g \
     --pass-env AWS_ACCESS_KEY_ID \
     --pass-env AWS_SECRET_ACCESS_KEY \

@@ -25,5 +25,6 @@ exec /opt/bioengine/venv/bin/python -m bioengine_executor_slurm.launch \
     --exit-timeout 3 \
     --container singularity \
     --image /images/triton.sif \
+    --container-triton tritonserver \
     --bind /shared/bioengine/repository \
     --gpus 4
