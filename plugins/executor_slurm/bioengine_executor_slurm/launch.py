@@ -121,6 +121,14 @@ def remove_container(args: argparse.Namespace) -> None:
         log(f"could not remove container {container_name(args)}: {exc}")
 
 
+def kill_group(pgid: int) -> None:
+    """SIGKILL what is left of a process group (after its leader, tritonserver, ended)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def advertised_host(args: argparse.Namespace) -> str:
     """The name the engine uses to reach this node."""
     if args.advertise_host:
@@ -169,8 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     host = advertised_host(args)
     check_host = "127.0.0.1" if args.bind_address in ("0.0.0.0", "") else args.bind_address
 
+    proc: subprocess.Popen | None = None
+
     def finish(code: int, reason: str) -> int:
         endpoint.unlink(missing_ok=True)
+        if proc is not None:
+            kill_group(proc.pid)
         remove_container(args)
         write_json(
             exit_file,
@@ -185,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ExecutorError, OSError) as exc:
         return finish(2, f"cannot start tritonserver: {exc}")
     log(f"job {job_id} on {socket.gethostname()}: {' '.join(cmd)}")
-    proc = subprocess.Popen(cmd, env=env)
+    # Triton gets its own process group: when it ends, whatever it left behind (python backend
+    # stubs orphaned by a crash) is killed with the group, even where Slurm tracks processes only
+    # by ancestry (proctrack/linuxproc) and would miss them.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     stopping = {"signal": None}
 
     def forward(signum: int, _frame: object) -> None:

@@ -88,6 +88,18 @@ def our_jobs(name: str) -> dict[str, str]:
     return {j: s for j, s in jobs.items() if s in ("PENDING", "RUNNING", "CONFIGURING")}
 
 
+def leftovers(state_dir: Path) -> list[str]:
+    """Processes (tritonserver, python backend stubs) still running on this deployment's files."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        argv = " ".join(proc.info["cmdline"] or [])
+        if str(state_dir) in argv and "pytest" not in argv.split()[0]:
+            found.append(f"{proc.info['pid']}: {argv[:160]}")
+    return found
+
+
 def wait_for(predicate, timeout: float, what: str):
     """Poll `predicate` until it returns something true; fail naming `what`."""
     deadline = time.monotonic() + timeout
@@ -232,6 +244,8 @@ def test_kill9_then_serve_adopts_jobs_and_sigterm_cancels_only_ours(served, tmp_
         np.testing.assert_allclose(infer(url), Y, atol=1e-4, rtol=1e-4)
         assert second.stop(signal.SIGTERM) == 0
         assert our_jobs(name) == {}
+        state_dir = served["config"].parent / "state"
+        wait_for(lambda: not leftovers(state_dir), 30, "no Triton process left behind")
         state = subprocess.run(
             ["squeue", "-h", "-j", foreign, "-o", "%T"], capture_output=True, text=True
         ).stdout.strip()
@@ -276,3 +290,4 @@ def test_two_minute_jobs_are_succeeded_without_gap(tmp_path):
         print(serve.output)
         subprocess.run(["scancel", f"--name=bioengine-{name}"], capture_output=True)
     assert our_jobs(name) == {}
+    wait_for(lambda: not leftovers(tmp_path / "state"), 30, "no Triton process left behind")
