@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PLUGINS := -e "plugins/executor_local[triton]" -e plugins/executor_slurm -e "plugins/gateway_hypha[server]" -e "plugins/storage_s3[test]"
+PLUGINS := -e "plugins/executor_local[triton]" -e plugins/executor_slurm -e "plugins/gateway_hypha[server]" -e "plugins/storage_s3[test]" -e "plugins/executor_k8s[test]"
 
 .PHONY: serve test install services lint bench clean
 
