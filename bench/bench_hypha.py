@@ -1,8 +1,11 @@
 """Benchmark: what Hypha costs for large arrays, and p50 `infer` latency per path.
 
-Part 1 (transport): a Hypha gateway (embedded server) in a child process serves an identity
-"model"; this process sends 1, 4 and 16 MB float32 arrays and gets them back, through Hypha
-RPC and through the gateway's direct HTTP path.
+Part 1 (transport): a Hypha gateway in a child process serves an identity "model"; this
+process sends 1, 4 and 16 MB float32 arrays and gets them back through Hypha RPC
+  - "stock": the embedded server with WebSocket deflate on (what a stock Hypha server does),
+  - "proxy": a stock `python -m hypha.server`, the gateway's own leg without deflate,
+  - "embedded": BioEngine's embedded server (no deflate anywhere),
+and through the gateway's direct HTTP path.
 
 Part 2 (real model): `bioengine serve` with the HTTP gateway and an embedded Hypha gateway
 serving models/unet2d_nuclei_broad (1x1x512x512); p50 of one inference through
@@ -52,8 +55,8 @@ def p50(samples: list[float]) -> float:
 # ----------------------------------------------------------------------------- part 1
 
 
-async def _identity_server(port: int) -> None:
-    """Child process: embedded Hypha + gateway over a Service that returns its input."""
+async def _identity_server(spec: str) -> None:
+    """Child process: a Hypha gateway (settings as JSON) over a Service returning its input."""
     from bioengine_gateway_hypha.gateway import HyphaGateway
     from bioengine_gateway_hypha.settings import HyphaGatewaySettings
 
@@ -91,7 +94,7 @@ async def _identity_server(port: int) -> None:
 
     state = Path(tempfile.mkdtemp(prefix="bench-hypha-"))
     gw = HyphaGateway(
-        HyphaGatewaySettings(embedded=True, port=port),
+        HyphaGatewaySettings(**json.loads(spec)),
         BackendContext(deployment="bench", state_dir=state, config_dir=state),
     )
     await gw.start(Identity())
@@ -102,18 +105,18 @@ async def _identity_server(port: int) -> None:
         await gw.stop()
 
 
-async def _transport(port: int, n: int) -> list[dict]:
+async def _transport(url: str, n: int, paths: tuple[str, ...]) -> dict[int, dict[str, float]]:
     from bioengine_gateway_hypha.client import BioEngineClient
     from hypha_rpc import connect_to_server
 
-    server = await connect_to_server({"server_url": f"http://127.0.0.1:{port}"})
+    server = await connect_to_server({"server_url": url})
     svc = await server.get_service("bioengine/bioengine")
     fast = BioEngineClient(svc)
-    rows = []
+    rows: dict[int, dict[str, float]] = {}
     try:
         for mb in (1, 4, 16):
             x = np.random.default_rng(0).random(mb * 1024 * 1024 // 4, dtype=np.float32)
-            calls = {"rpc": svc.infer, "direct": fast.infer}
+            calls = {k: v for k, v in (("rpc", svc.infer), ("direct", fast.infer)) if k in paths}
             samples: dict[str, list[float]] = {k: [] for k in calls}
             for call in calls.values():
                 await call("identity", [x])  # warm-up
@@ -124,21 +127,20 @@ async def _transport(port: int, n: int) -> list[dict]:
                     out = await call("identity", [x])
                     samples[name].append(time.perf_counter() - t)
                     assert np.array_equal(out["y"], x)
-            rows.append({"MB": mb, **{k: p50(v) for k, v in samples.items()}})
+            rows[mb] = {k: p50(v) for k, v in samples.items()}
     finally:
         await fast.close()
         await server.disconnect()
     return rows
 
 
-def bench_transport(n: int) -> list[dict]:
-    """Round trip of 1/4/16 MB arrays: Hypha RPC vs the direct path (p50 ms)."""
-    port = free_port()
+def _with_gateway(settings: dict, env: dict[str, str], url: str, n: int, paths: tuple[str, ...]):
     child = subprocess.Popen(
-        [sys.executable, __file__, "--identity-server", str(port)],
+        [sys.executable, __file__, "--identity-server", json.dumps(settings)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        env={**os.environ, **env},
     )
     try:
         assert child.stdout is not None
@@ -149,7 +151,7 @@ def bench_transport(n: int) -> list[dict]:
                 break
         else:
             raise RuntimeError("identity server failed:\n" + "".join(seen))
-        return asyncio.run(_transport(port, n))
+        return asyncio.run(_transport(url, n, paths))
     finally:
         if child.stdin:
             child.stdin.close()
@@ -157,6 +159,81 @@ def bench_transport(n: int) -> list[dict]:
             child.wait(60)
         except subprocess.TimeoutExpired:
             child.kill()
+
+
+def _stock_hypha(port: int, token: str) -> subprocess.Popen:
+    """`python -m hypha.server` as a public server runs it (WebSocket deflate on)."""
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hypha.server", "--from-env", "--host=127.0.0.1", f"--port={port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HYPHA_ROOT_TOKEN": token},
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/readiness", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("stock hypha server did not start")
+
+
+def bench_transport(n: int) -> list[dict]:
+    """Round trip of 1/4/16 MB arrays (p50 ms) through four set-ups."""
+    import secrets
+
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # Stock Hypha behaviour: every WebSocket leg deflated.
+    results["stock"] = _with_gateway(
+        {"embedded": True, "port": port, "ws_compression": True, "direct": False},
+        {},
+        url,
+        n,
+        ("rpc",),
+    )
+    # Proxy mode against a stock server: the gateway's own leg is not deflated.
+    token = secrets.token_urlsafe(32)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    stock = _stock_hypha(port, token)
+    try:
+        results["proxy"] = _with_gateway(
+            {
+                "server_url": url,
+                "workspace": "bioengine",
+                "token_env": "BENCH_HYPHA_TOKEN",
+                "direct": False,
+            },
+            {"BENCH_HYPHA_TOKEN": token},
+            url,
+            n,
+            ("rpc",),
+        )
+    finally:
+        stock.terminate()
+        stock.wait(30)
+    # BioEngine's embedded server: no deflate anywhere; plus the direct path.
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    results["embedded"] = _with_gateway(
+        {"embedded": True, "port": port}, {}, url, n, ("rpc", "direct")
+    )
+    return [
+        {
+            "MB": mb,
+            "stock": results["stock"][mb]["rpc"],
+            "proxy": results["proxy"][mb]["rpc"],
+            "rpc": results["embedded"][mb]["rpc"],
+            "direct": results["embedded"][mb]["direct"],
+        }
+        for mb in (1, 4, 16)
+    ]
 
 
 # ----------------------------------------------------------------------------- part 2
@@ -278,7 +355,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20, help="requests per path (p50 over them)")
     parser.add_argument("--skip-transport", action="store_true")
     parser.add_argument("--skip-model", action="store_true")
-    parser.add_argument("--identity-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--identity-server", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.identity_server:
         asyncio.run(_identity_server(args.identity_server))
@@ -287,11 +364,14 @@ def main() -> None:
     if not args.skip_transport:
         rows = bench_transport(args.n)
         print("## Round trip of one float32 array (p50 ms)\n")
-        print("| size | Hypha RPC | direct path | speed-up |\n|---|---|---|---|")
+        print(
+            "| size | stock Hypha (deflate) | proxy: stock server, gateway leg raw | "
+            "embedded, no deflate | direct path |\n|---|---|---|---|---|"
+        )
         for r in rows:
             print(
-                f"| {r['MB']} MB | {r['rpc']:.0f} | {r['direct']:.0f} | "
-                f"{r['rpc'] / r['direct']:.1f}x |"
+                f"| {r['MB']} MB | {r['stock']:.0f} | {r['proxy']:.0f} | {r['rpc']:.0f} | "
+                f"{r['direct']:.0f} |"
             )
         print()
     if not args.skip_model:

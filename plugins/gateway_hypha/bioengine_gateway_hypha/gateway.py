@@ -14,6 +14,7 @@ from .api import Authoriser, HyphaApi, caller_of
 from .direct import DirectServer, Tickets, ticket_payload
 from .server import EmbeddedHyphaServer
 from .settings import HyphaGatewaySettings, read_secret
+from .wsopts import websocket_compression
 
 log = logging.getLogger("bioengine.gateway.hypha")
 
@@ -87,6 +88,7 @@ class HyphaGateway(Gateway):
                 log_path=self.context.state_dir / "hypha" / "server.log",
                 extra_args=s.server_args,
                 public_url=s.public_url,
+                ws_compression=s.ws_compression,
             )
             await self.embedded.start(s.startup_timeout)
         self._api = HyphaApi(
@@ -162,6 +164,10 @@ class HyphaGateway(Gateway):
 
     async def _connect(self) -> None:
         """One full attempt: connect, enter the workspace, register both services."""
+        with websocket_compression(self.settings.ws_compression):
+            await self._connect_and_register()
+
+    async def _connect_and_register(self) -> None:
         from hypha_rpc import connect_to_server
 
         s = self.settings

@@ -1,4 +1,4 @@
-"""The embedded Hypha server: `python -m hypha.server` as a managed child process."""
+"""The embedded Hypha server: Hypha's own main as a managed child process."""
 
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ class EmbeddedHyphaServer:
         extra_args: Sequence[str] = (),
         public_url: str | None = None,
         root_token: str | None = None,
+        ws_compression: bool = False,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
@@ -69,6 +70,7 @@ class EmbeddedHyphaServer:
         self.public_url = public_url
         # Strong random root token, handed to the child through its environment (not argv).
         self.root_token = root_token or secrets.token_urlsafe(32)
+        self.ws_compression = ws_compression
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -78,11 +80,14 @@ class EmbeddedHyphaServer:
         return f"http://{host}:{self.port}"
 
     def command(self) -> list[str]:
-        """The command line that starts the server (no secrets in it)."""
+        """The command line that starts the server (no secrets in it).
+
+        `_hypha_main` is `python -m hypha.server` with uvicorn's WebSocket compression set.
+        """
         cmd = [
             sys.executable,
             "-m",
-            "hypha.server",
+            "bioengine_gateway_hypha._hypha_main",
             "--from-env",
             f"--host={self.host}",
             f"--port={self.port}",
@@ -103,6 +108,7 @@ class EmbeddedHyphaServer:
         env = dict(os.environ)
         env["HYPHA_ROOT_TOKEN"] = self.root_token
         env.setdefault("HYPHA_LOGLEVEL", "WARNING")
+        env["BIOENGINE_HYPHA_WS_DEFLATE"] = "true" if self.ws_compression else "false"
         logfile = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         try:
             # Popen from the event-loop thread: PDEATHSIG follows the thread that forked.

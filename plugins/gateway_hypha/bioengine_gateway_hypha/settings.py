@@ -44,6 +44,12 @@ class HyphaGatewaySettings(BackendSettings):
     startup_timeout: float = Field(
         180.0, gt=0, description="Seconds to wait for the embedded server (first start ~30 s)."
     )
+    ws_compression: bool = Field(
+        False,
+        description="WebSocket per-message compression, for the embedded server and the "
+        "gateway's own connection. Off by default: image tensors do not compress and deflate "
+        "made array transfer ~10x slower.",
+    )
     workspace: str | None = Field(
         None,
         pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",

@@ -122,6 +122,12 @@ async def test_embedded_server_starts_serves_and_stops_with_the_gateway(
         finally:
             await client.disconnect()
         assert (backend_context.state_dir / "hypha" / "server.log").exists()
+        # No permessage-deflate: tensors do not compress, and deflate made transfers ~10x slower.
+        import websockets
+
+        ws_url = info["url"].replace("http://", "ws://") + "/ws"
+        async with websockets.connect(ws_url) as ws:  # offers deflate, as hypha-rpc does
+            assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
         # The operator's command line shows no secret: the root token travels in the env.
         assert gw.embedded.root_token not in " ".join(gw.embedded.command())
         pid = gw.embedded.process.pid
