@@ -77,28 +77,31 @@ def make_request(model: str, x: np.ndarray, in_name: str, out_name: str):
 
 
 def measure(url: str, send, concurrency: int, requests: int) -> dict:
+    """Latency percentiles and throughput of `requests` requests from `concurrency` clients."""
     import tritonclient.http as tc
 
-    clients = [tc.InferenceServerClient(url.split("://")[1], network_timeout=300)
-               for _ in range(concurrency)]
-    for c in clients:
-        send(c)  # warm the connection
     latencies: list[float] = []
     per_worker = max(1, requests // concurrency)
+    barrier = threading.Barrier(concurrency + 1)
 
-    def worker(i: int) -> None:
-        client = clients[i]
+    def worker(_: int) -> None:
+        # tritonclient.http is gevent based: each thread needs its own client
+        client = tc.InferenceServerClient(url.split("://")[1], network_timeout=300)
+        send(client)  # warm the connection
+        barrier.wait()
         for _ in range(per_worker):
             t0 = time.perf_counter()
             send(client)
             latencies.append(time.perf_counter() - t0)
+        client.close()
 
-    t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(worker, range(concurrency)))
-    wall = time.perf_counter() - t0
-    for c in clients:
-        c.close()
+        futures = [pool.submit(worker, i) for i in range(concurrency)]
+        barrier.wait()
+        t0 = time.perf_counter()
+        for f in futures:
+            f.result()
+        wall = time.perf_counter() - t0
     lat = np.array(latencies) * 1000
     return {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
             "rps": len(lat) / wall, "n": len(lat)}
@@ -132,6 +135,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=160, help="requests per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--write", action="store_true", help="append the table to RESULTS.md")
+    parser.add_argument("--only", choices=["unet", "tiny"], help="run one case only")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
     cases = {
         "unet2d 512x512": ("unet2d_nuclei_broad", np.load(UNET / "test_input.npy"), "raw",
@@ -145,10 +150,12 @@ def main() -> None:
             direct = status(gateway)["replicas"][0]["url"]
             rows = []
             for label, (model, x, iname, oname, weights) in cases.items():
+                if args.only and not label.startswith(args.only):
+                    continue
                 send = make_request(model, x, iname, oname)
                 n = args.requests if "tiny" in label else max(24, args.requests // 4)
                 floor = floor_onnxruntime(weights, x, iname, n)
-                for conc in (1, 8):
+                for conc in args.concurrency:
                     d_runs, g_runs = [], []
                     for _ in range(args.rounds):
                         d_runs.append(measure(direct, send, conc, n))

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
@@ -19,11 +20,17 @@ import tritonclient.http as tc
 from tritonclient.utils import np_to_triton_dtype
 
 from .errors import InferenceError, NoReplicaError
+from .upstream import Upstream
 
 log = logging.getLogger(__name__)
 
 HEADER_LEN = "Inference-Header-Content-Length"
-RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ServerDisconnectedError, ConnectionError)
+RETRYABLE = (aiohttp.ClientConnectionError, ConnectionError, OSError)
+PASSED_HEADERS = (
+    ("content-type", "Content-Type"),
+    ("content-encoding", "Content-Encoding"),
+    (HEADER_LEN.lower(), HEADER_LEN),
+)
 
 
 @dataclass
@@ -37,19 +44,19 @@ class Route:
     failures: int = 0
     draining: bool = False
     added_at: float = field(default_factory=time.monotonic)
-    session: aiohttp.ClientSession | None = None
+    upstream: Upstream | None = None
 
-    def client(self) -> aiohttp.ClientSession:
-        """This replica's keep-alive HTTP session (created lazily inside the running loop)."""
-        if self.session is None or self.session.closed:
-            connector = aiohttp.TCPConnector(limit=64, keepalive_timeout=30)
-            self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        return self.session
+    def client(self) -> Upstream:
+        """This replica's keep-alive connection pool."""
+        if self.upstream is None:
+            parsed = urlsplit(self.url)
+            self.upstream = Upstream(parsed.hostname or "127.0.0.1", parsed.port or 80)
+        return self.upstream
 
     async def close(self) -> None:
         """Close the replica's connections."""
-        if self.session is not None:
-            await self.session.close()
+        if self.upstream is not None:
+            self.upstream.close()
 
 
 class Router:
@@ -149,7 +156,6 @@ class Router:
         deadline = time.monotonic() + max(timeout, self.wait_for_replica)
         tried: set[str] = set()
         last: Exception | None = None
-        client_timeout = aiohttp.ClientTimeout(total=timeout)
         # replicas are local hops: never pay for compression, and pass bodies through unchanged
         headers = {**(headers or {}), "Accept-Encoding": "identity"}
         for _ in range(self.retries + 1):
@@ -157,18 +163,13 @@ class Router:
             route.outstanding += 1
             route.requests += 1
             try:
-                async with route.client().request(
-                    method, route.url + path, data=body, headers=headers, timeout=client_timeout
-                ) as resp:
-                    data = await resp.read()
-                    out_headers = {
-                        k: v
-                        for k, v in resp.headers.items()
-                        if k.lower() in ("content-type", HEADER_LEN.lower())
-                    }
-                    if resp.status in (502, 503) and b"not ready" in data.lower():
-                        raise ConnectionError(f"replica {route.replica_id} not ready")
-                    return resp.status, data, out_headers
+                status, data, got = await route.client().request(
+                    method, path, body=body, headers=headers, timeout=timeout
+                )
+                if status in (502, 503) and b"not ready" in data.lower():
+                    raise ConnectionError(f"replica {route.replica_id} not ready")
+                out_headers = {name: got[key] for key, name in PASSED_HEADERS if key in got}
+                return status, data, out_headers
             except RETRYABLE as exc:
                 last = exc
                 route.failures += 1
