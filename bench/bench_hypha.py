@@ -3,7 +3,8 @@
 Part 1 (transport): a Hypha gateway in a child process serves an identity "model"; this
 process sends 1, 4 and 16 MB float32 arrays and gets them back through Hypha RPC
   - "stock": the embedded server with WebSocket deflate on (what a stock Hypha server does),
-  - "proxy": a stock `python -m hypha.server`, the gateway's own leg without deflate,
+  - "proxy": a stock `python -m hypha.server`, the gateway's own leg without deflate, with a
+    stock client and with a client connected without deflate (as the client helper does),
   - "embedded": BioEngine's embedded server (no deflate anywhere),
 and through the gateway's direct HTTP path.
 
@@ -107,16 +108,21 @@ async def _identity_server(spec: str) -> None:
 
 async def _transport(url: str, n: int, paths: tuple[str, ...]) -> dict[int, dict[str, float]]:
     from bioengine_gateway_hypha.client import BioEngineClient
+    from bioengine_gateway_hypha.wsopts import websocket_compression
     from hypha_rpc import connect_to_server
 
-    server = await connect_to_server({"server_url": url})
+    server = await connect_to_server({"server_url": url})  # stock client: deflate offered
     svc = await server.get_service("bioengine/bioengine")
+    with websocket_compression(False):  # what bioengine_gateway_hypha.client.connect does
+        raw_server = await connect_to_server({"server_url": url})
+    raw_svc = await raw_server.get_service("bioengine/bioengine")
     fast = BioEngineClient(svc)
+    available = {"rpc": svc.infer, "rpc_raw": raw_svc.infer, "direct": fast.infer}
     rows: dict[int, dict[str, float]] = {}
     try:
         for mb in (1, 4, 16):
             x = np.random.default_rng(0).random(mb * 1024 * 1024 // 4, dtype=np.float32)
-            calls = {k: v for k, v in (("rpc", svc.infer), ("direct", fast.infer)) if k in paths}
+            calls = {k: available[k] for k in paths}
             samples: dict[str, list[float]] = {k: [] for k in calls}
             for call in calls.values():
                 await call("identity", [x])  # warm-up
@@ -131,6 +137,7 @@ async def _transport(url: str, n: int, paths: tuple[str, ...]) -> dict[int, dict
     finally:
         await fast.close()
         await server.disconnect()
+        await raw_server.disconnect()
     return rows
 
 
@@ -213,7 +220,7 @@ def bench_transport(n: int) -> list[dict]:
             {"BENCH_HYPHA_TOKEN": token},
             url,
             n,
-            ("rpc",),
+            ("rpc", "rpc_raw"),
         )
     finally:
         stock.terminate()
@@ -229,6 +236,7 @@ def bench_transport(n: int) -> list[dict]:
             "MB": mb,
             "stock": results["stock"][mb]["rpc"],
             "proxy": results["proxy"][mb]["rpc"],
+            "proxy_raw": results["proxy"][mb]["rpc_raw"],
             "rpc": results["embedded"][mb]["rpc"],
             "direct": results["embedded"][mb]["direct"],
         }
@@ -366,12 +374,13 @@ def main() -> None:
         print("## Round trip of one float32 array (p50 ms)\n")
         print(
             "| size | stock Hypha (deflate) | proxy: stock server, gateway leg raw | "
-            "embedded, no deflate | direct path |\n|---|---|---|---|---|"
+            "proxy, client also raw | embedded, no deflate | direct path |"
+            "\n|---|---|---|---|---|---|"
         )
         for r in rows:
             print(
-                f"| {r['MB']} MB | {r['stock']:.0f} | {r['proxy']:.0f} | {r['rpc']:.0f} | "
-                f"{r['direct']:.0f} |"
+                f"| {r['MB']} MB | {r['stock']:.0f} | {r['proxy']:.0f} | {r['proxy_raw']:.0f} | "
+                f"{r['rpc']:.0f} | {r['direct']:.0f} |"
             )
         print()
     if not args.skip_model:

@@ -43,10 +43,10 @@ def _install() -> bool:
 @contextlib.contextmanager
 def websocket_compression(enabled: bool) -> Iterator[None]:
     """Within this block (and tasks started in it), hypha-rpc connects with/without deflate."""
-    if enabled or not _install():
+    if not _install():
         yield
         return
-    token = _NO_DEFLATE.set(True)
+    token = _NO_DEFLATE.set(not enabled)
     try:
         yield
     finally:

@@ -80,3 +80,15 @@ async def test_missing_token_variable_is_a_clear_error(backend_context, toy_serv
     )
     with pytest.raises(ConfigError, match="NOT_SET_HYPHA_TOKEN is not set"):
         await gw.start(toy_service)
+
+
+def test_websocket_compression_switch_is_per_context():
+    from bioengine_gateway_hypha.wsopts import websocket_compression
+    from hypha_rpc.websocket_client import WebsocketRPCConnection
+
+    conn = WebsocketRPCConnection("ws://127.0.0.1:9/ws", "probe")
+    with websocket_compression(False):
+        assert conn._ws_connect_kwargs()["compression"] is None
+        with websocket_compression(True):
+            assert "compression" not in conn._ws_connect_kwargs()
+    assert "compression" not in conn._ws_connect_kwargs()  # other clients keep the default
