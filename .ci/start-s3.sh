@@ -23,14 +23,19 @@ PIDFILE="$DIR/weed.pid"
 LOG="$DIR/weed.log"
 
 answers() {
-    # Any HTTP answer from the S3 port (403 for an anonymous request) means it is up.
+    # Up = the S3 port answers HTTP (403 for an anonymous request) and the master knows a
+    # volume server (before that, the first upload fails with "Not enough data nodes").
     python3 - "$S3_PORT" <<'EOF' >/dev/null 2>&1
-import sys, urllib.request, urllib.error
+import json, sys, urllib.request, urllib.error
 try:
     urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=2)
 except urllib.error.HTTPError:
     pass
-sys.exit(0)
+with urllib.request.urlopen("http://127.0.0.1:23330/dir/status", timeout=2) as resp:
+    topology = json.loads(resp.read())["Topology"]
+nodes = [n for dc in topology.get("DataCenters") or [] for r in dc.get("Racks") or []
+         for n in r.get("DataNodes") or []]
+sys.exit(0 if nodes else 1)
 EOF
 }
 
@@ -57,11 +62,21 @@ if [ "${1:-start}" = "stop" ]; then
     exit 0
 fi
 
-if running && answers; then
+# Each bucket is a SeaweedFS collection that takes up to 7 volumes: allow plenty of (sparse,
+# not preallocated) volumes, or uploads fail with "No writable volumes" after a few buckets.
+ARGS=(server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$DIR/data"
+    -master.port=23330 -master.port.grpc=23331 -master.telemetry=false
+    -master.volumeSizeLimitMB=64 -volume.max=200
+    -volume.port=23332 -volume.port.grpc=23334
+    -filer.port=23335 -filer.port.grpc=23336
+    -s3 -s3.port="$S3_PORT" -s3.port.grpc=23337 -s3.config="$DIR/identities.json"
+    -s3.port.iceberg=0 -s3.port.lance=0)
+
+if running && answers && [ "$(cat "$DIR/args" 2>/dev/null)" = "${ARGS[*]}" ]; then
     echo "start-s3: SeaweedFS S3 already up on http://127.0.0.1:$S3_PORT (pid $(cat "$PIDFILE"))"
     exit 0
 fi
-stop  # a stale pid file or a half-started server
+stop  # a stale pid file, a half-started server, or one started with other options
 
 WEED="$(command -v weed || true)"
 [ -n "$WEED" ] || { [ -x .venv/bin/weed ] && WEED="$PWD/.venv/bin/weed"; }
@@ -86,15 +101,9 @@ cat >"$DIR/identities.json" <<EOF
 }
 EOF
 
-setsid "$WEED" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$DIR/data" \
-    -master.port=23330 -master.port.grpc=23331 -master.telemetry=false \
-    -master.volumeSizeLimitMB=64 -volume.max=10 \
-    -volume.port=23332 -volume.port.grpc=23334 \
-    -filer.port=23335 -filer.port.grpc=23336 \
-    -s3 -s3.port="$S3_PORT" -s3.port.grpc=23337 -s3.config="$DIR/identities.json" \
-    -s3.port.iceberg=0 -s3.port.lance=0 \
-    >"$LOG" 2>&1 </dev/null &
+setsid "$WEED" "${ARGS[@]}" >"$LOG" 2>&1 </dev/null &
 echo $! >"$PIDFILE"
+echo "${ARGS[*]}" >"$DIR/args"
 
 for _ in $(seq 1 150); do
     if answers; then

@@ -2,24 +2,30 @@
 
 Layout under `s3://BUCKET/PREFIX/`:
 
-    NAME/config.pbtxt, NAME/1/...        the model tree, exactly what Triton reads
-    .bioengine/models/NAME.json          the model's manifest: version id and, per file,
-                                         sha256, size and the ETag S3 gave the object
+    NAME/config.pbtxt, NAME/1/...        the model tree: exactly what Triton reads
+    .bioengine/models/NAME.json          the model's manifest: version id and, per file, sha256,
+                                         size and the ETag of the object in the tree
+    .bioengine/blobs/SHA256              every published file's content, stored once, immutable
 
-A model exists (for `list`/`get`) once its manifest exists, and a publish becomes visible to
-`list`/`get` in one step: the single PUT of the new manifest. `get` downloads the files the
-manifest names and checks every one against the manifest's sha256; when a file does not match
-(a publish is in progress) it rereads the manifest and tries again, so it always returns one
-complete version.
+A model exists (for `list`/`get`) once its manifest exists, and a new version becomes visible to
+`list`/`get` in one step: the single PUT of the new manifest. `get` reads the manifest and
+downloads the blobs it names, which never change, so it always returns one complete version,
+also while a publish runs or after one failed. The blobs of the version before the current one
+are kept, so a `get` that started before a publish finishes too.
 
-`put` is incremental: a file is uploaded only when its sha256 differs from the manifest's or the
-object in the bucket is not the one the manifest recorded (its ETag changed or it is missing).
-Within a publish the changed files are uploaded first, `config.pbtxt` last, then files of the
-old version that the new one lacks are deleted, then the manifest is written. What Triton sees:
-a model (re)loaded after `put()` returned reads exactly the new version, and a loaded model is
-unaffected by later publishes (Triton copies the tree at load). A load that overlaps a publish
-may read a mixture, so load only after publishing (the engine does). One publisher per
-repository: two engines publishing the same model at once is not supported.
+`put` is incremental: a file's content is uploaded only when no blob with its sha256 exists yet
+(identical files in other models or earlier versions are not sent again), and a file in the
+tree is rewritten only when its sha256 differs from the manifest's or the object there is not the
+one the manifest recorded (ETag changed, or missing). The slow part, uploading, goes to blobs
+that Triton never reads. Then the tree is switched by server-side copies: changed files first,
+`config.pbtxt` last, then files the new version lacks are deleted, then the manifest is written.
+If that switch fails, the tree is put back to the old version (best effort).
+
+What Triton sees: a model (re)loaded after `put()` returned reads exactly the new version; a
+loaded model is unaffected by later publishes (Triton copies the tree when it loads). A load
+that overlaps the short switch may read a mixture, so load only after publishing (the engine
+does). One publisher per repository: two processes publishing into one prefix at once is not
+supported (within a process, `put` and `delete` are serialized).
 """
 
 from __future__ import annotations
@@ -78,8 +84,13 @@ class PublishReport:
     name: str
     version: str
     uploaded: list[str] = field(default_factory=list)
+    """Files whose content was sent (no blob with their sha256 existed)."""
+    updated: list[str] = field(default_factory=list)
+    """Files rewritten in the model tree (server-side copies of blobs)."""
     unchanged: list[str] = field(default_factory=list)
+    """Files left as they were in the tree."""
     removed: list[str] = field(default_factory=list)
+    """Files of the old version that the new one lacks, deleted from the tree."""
     bytes_uploaded: int = 0
     seconds: float = 0.0
 
@@ -87,8 +98,9 @@ class PublishReport:
         """One log line."""
         return (
             f"published {self.name} (version {self.version}): {len(self.uploaded)} file(s) "
-            f"uploaded ({_size(self.bytes_uploaded)}), {len(self.unchanged)} unchanged, "
-            f"{len(self.removed)} removed, in {self.seconds:.1f} s"
+            f"uploaded ({_size(self.bytes_uploaded)}), {len(self.updated)} updated, "
+            f"{len(self.unchanged)} unchanged, {len(self.removed)} removed, "
+            f"in {self.seconds:.1f} s"
         )
 
 
@@ -186,10 +198,16 @@ class S3Storage(Storage):
         )
         self._bucket_checked = False
         self._lock = threading.Lock()
+        self._publishing = threading.RLock()
         self.sync_dir = Path(sync_dir) if sync_dir is not None else None
         if settings.mode == "sync" and self.sync_dir is None:
             raise StorageError('[storage] mode = "sync" needs a sync_dir')
         self._synced = False
+
+    @property
+    def client(self) -> Any:
+        """The boto3 S3 client this storage uses (for inspection and request hooks)."""
+        return self._client
 
     # ------------------------------------------------------------------ keys and errors
 
@@ -356,28 +374,52 @@ class S3Storage(Storage):
 
     # ------------------------------------------------------------------ Storage contract
 
+    def _blob_key(self, sha: str) -> str:
+        return self._key(META, "blobs", sha)
+
     def put(self, name: str, source: Path) -> None:
-        """Publish `source` as `name`: upload changed files only, then swap the manifest."""
+        """Publish `source` as `name`: upload new content, switch the tree, swap the manifest."""
         _check_name(name)
         source = Path(source)
         if not source.is_dir():
             raise StorageError(f"cannot publish {name}: {source} is not a directory")
-        self.ensure_bucket()
-        started = time.monotonic()
         local: dict[str, tuple[Path, int, str]] = {}
-        for path in sorted(source.rglob("*")):
-            if path.is_file():
-                rel = path.relative_to(source).as_posix()
-                local[rel] = (path, path.stat().st_size, _sha256(path))
+        try:
+            for path in sorted(source.rglob("*")):
+                if path.is_file():
+                    rel = path.relative_to(source).as_posix()
+                    local[rel] = (path, path.stat().st_size, _sha256(path))
+        except OSError as exc:
+            raise StorageError(f"cannot read {source} to publish {name}: {exc}") from exc
         if not local:
             raise StorageError(f"cannot publish {name}: {source} holds no files")
+        self.ensure_bucket()
+        with self._publishing:
+            manifest = self._put(name, local)
+        if self.settings.mode == "sync":
+            self._sync_model(name, manifest)
 
+    def _put(self, name: str, local: dict[str, tuple[Path, int, str]]) -> dict[str, Any]:
+        started = time.monotonic()
+        report = PublishReport(name=name, version=uuid.uuid4().hex[:12])
         tree = self._key(name) + "/"
         old = self.read_manifest(name)
         old_files: dict[str, Any] = old["files"] if old else {}
         present = {obj["Key"][len(tree) :]: obj for obj in self._list(tree)}
-        report = PublishReport(name=name, version=uuid.uuid4().hex[:12])
 
+        # 1. Content: upload what the bucket does not hold yet (invisible to Triton and get).
+        blobs_dir = self._key(META, "blobs") + "/"
+        blobs = {obj["Key"][len(blobs_dir) :]: obj["Size"] for obj in self._list(blobs_dir)}
+        missing: dict[str, str] = {}  # sha -> first rel with that content
+        for rel, (_, size, sha) in local.items():
+            if blobs.get(sha) != size and sha not in missing:
+                missing[sha] = rel
+        with ThreadPoolExecutor(max_workers=self.settings.max_concurrency) as pool:
+            list(pool.map(lambda rel: self._upload_blob(name, rel, local[rel]), missing.values()))
+        report.uploaded = sorted(rel for rel, (_, _, sha) in local.items() if sha in missing)
+        report.bytes_uploaded = sum(local[rel][1] for rel in missing.values())
+
+        # 2. The tree: server-side copies of changed files, config.pbtxt last, then deletions.
         def unchanged(rel: str) -> bool:
             _, size, sha = local[rel]
             before, obj = old_files.get(rel), present.get(rel)
@@ -391,72 +433,105 @@ class S3Storage(Storage):
             )
 
         changed = [rel for rel in local if not unchanged(rel)]
-        report.unchanged = [rel for rel in local if rel not in changed]
-        # config.pbtxt last: Triton decides what a model is from it.
-        body = [rel for rel in changed if rel != CONFIG]
-        last = [rel for rel in changed if rel == CONFIG]
-        with ThreadPoolExecutor(max_workers=self.settings.max_concurrency) as pool:
-            list(pool.map(lambda rel: self._upload(name, rel, local[rel]), body))
-        for rel in last:
-            self._upload(name, rel, local[rel])
-        report.uploaded = changed
-        report.bytes_uploaded = sum(local[rel][1] for rel in changed)
-
         stale = sorted(rel for rel in present if rel not in local)
-        self._delete_keys([tree + rel for rel in stale])
+        try:
+            body = [rel for rel in changed if rel != CONFIG]
+            with ThreadPoolExecutor(max_workers=self.settings.max_concurrency) as pool:
+                list(pool.map(lambda rel: self._copy_blob(local[rel][2], tree + rel), body))
+            if CONFIG in changed:
+                self._copy_blob(local[CONFIG][2], tree + CONFIG)
+            self._delete_keys([tree + rel for rel in stale])
+            # The ETags S3 gave the objects now in place: the next put compares against them.
+            etags = {obj["Key"][len(tree) :]: obj.get("ETag") for obj in self._list(tree)}
+            absent = [rel for rel in local if rel not in etags]
+            if absent:
+                raise S3StorageError(
+                    f"files of {name} are missing from {self._url(tree)} right after publishing: "
+                    f"{', '.join(absent[:5])} (is another process writing there?)",
+                    code="NoSuchKey",
+                    operation="ListObjectsV2",
+                    key=tree + absent[0],
+                )
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "name": name,
+                "version": report.version,
+                "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "files": {
+                    rel: {"sha256": sha, "size": size, "etag": etags[rel]}
+                    for rel, (_, size, sha) in local.items()
+                },
+            }
+            key = self._manifest_key(name)
+            self._call(
+                "PutObject",
+                key,
+                self._client.put_object,
+                Bucket=self.bucket,
+                Key=key,
+                Body=json.dumps(manifest, indent=1, sort_keys=True).encode(),
+                ContentType="application/json",
+            )
+        except BaseException:
+            self._restore_tree(name, old_files, changed + stale)
+            raise
+        report.updated = sorted(changed)
+        report.unchanged = sorted(rel for rel in local if rel not in changed)
         report.removed = stale
 
-        # The ETags S3 gave the objects now in place: the next put compares against them.
-        etags = {obj["Key"][len(tree) :]: obj.get("ETag") for obj in self._list(tree)}
-        missing = [rel for rel in local if rel not in etags]
-        if missing:
-            raise S3StorageError(
-                f"published files of {name} are missing from {self._url(tree)} right after "
-                f"upload: {', '.join(missing[:5])} (another process deleting them?)",
-                code="NoSuchKey",
-                operation="ListObjectsV2",
-                key=tree + missing[0],
-            )
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "name": name,
-            "version": report.version,
-            "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "files": {
-                rel: {"sha256": sha, "size": size, "etag": etags[rel]}
-                for rel, (_, size, sha) in local.items()
-            },
-        }
-        key = self._manifest_key(name)
-        self._call(
-            "PutObject",
-            key,
-            self._client.put_object,
-            Bucket=self.bucket,
-            Key=key,
-            Body=json.dumps(manifest, indent=1, sort_keys=True).encode(),
-            ContentType="application/json",
-        )
+        # 3. Blobs no manifest needs any more (the replaced version's stay for running readers).
+        self._collect_garbage(keep=old)
         report.seconds = time.monotonic() - started
         self.last_publish = report
         self.progress(report.summary())
-        if self.settings.mode == "sync":
-            self._sync_model(name, manifest)
+        return manifest
 
-    def _upload(self, name: str, rel: str, item: tuple[Path, int, str]) -> None:
+    def _restore_tree(self, name: str, old_files: dict[str, Any], touched: list[str]) -> None:
+        """After a failed switch: put the `touched` tree files back as the old version had them."""
+        if not touched:
+            return
+        tree = self._key(name) + "/"
+        try:
+            for rel in touched:
+                entry = old_files.get(rel)
+                if entry is not None:
+                    self._copy_blob(entry["sha256"], tree + rel)
+                else:
+                    self._delete_keys([tree + rel])
+            if old_files:
+                log.warning("publishing %s failed; its tree is back at the old version", name)
+        except Exception as exc:  # the original error matters more
+            log.warning(
+                "publishing %s failed and restoring its tree failed too (%s): publish it again "
+                "before (re)loading it in Triton",
+                name,
+                exc,
+            )
+
+    def _collect_garbage(self, keep: dict[str, Any] | None) -> None:
+        """Delete blobs that neither a published manifest nor `keep` refers to."""
+        needed = {e["sha256"] for e in (keep or {}).get("files", {}).values()}
+        for other in self.list():
+            manifest = self.read_manifest(other)
+            if manifest is not None:
+                needed.update(e["sha256"] for e in manifest["files"].values())
+        blobs_dir = self._key(META, "blobs") + "/"
+        unused = [
+            obj["Key"]
+            for obj in self._list(blobs_dir)
+            if obj["Key"][len(blobs_dir) :] not in needed
+        ]
+        self._delete_keys(unused)
+
+    def _upload_blob(self, name: str, rel: str, item: tuple[Path, int, str]) -> None:
         path, size, sha = item
-        key = self._key(name, rel)
+        key = self._blob_key(sha)
         callback = None
         if size >= self._transfer.multipart_threshold:
             callback = _Progress(f"uploading {name}/{rel}", size, self.progress)
         try:
             self._client.upload_file(
-                str(path),
-                self.bucket,
-                key,
-                ExtraArgs={"Metadata": {"sha256": sha}},
-                Config=self._transfer,
-                Callback=callback,
+                str(path), self.bucket, key, Config=self._transfer, Callback=callback
             )
         except boto3.exceptions.S3UploadFailedError as exc:
             inner = exc.__cause__ or exc.__context__
@@ -467,12 +542,21 @@ class S3Storage(Storage):
         except OSError as exc:
             raise StorageError(f"cannot read {path} to publish {name}: {exc}") from exc
 
+    def _copy_blob(self, sha: str, key: str) -> str:
+        """Server-side copy of a blob to `key` in the tree; returns `key`."""
+        source = {"Bucket": self.bucket, "Key": self._blob_key(sha)}
+        try:
+            self._client.copy(source, self.bucket, key, Config=self._transfer)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._error(exc, "CopyObject", key) from exc
+        return key
+
     def _download(self, key: str, dest: Path, sha: str, size: int) -> None:
-        """Download `key` to `dest` and check its sha256; _Changing when it does not match."""
+        """Download `key` to `dest` and check its sha256; _Changing when absent or different."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         callback = None
         if size >= self._transfer.multipart_threshold:
-            callback = _Progress(f"downloading {key}", size, self.progress)
+            callback = _Progress(f"downloading {dest.name}", size, self.progress)
         try:
             self._client.download_file(
                 self.bucket, key, str(dest), Config=self._transfer, Callback=callback
@@ -489,9 +573,11 @@ class S3Storage(Storage):
     def _fetch_version(
         self, name: str, into: Path, reuse: Callable[[str, dict[str, Any]], Path | None]
     ) -> dict[str, Any]:
-        """Fill `into` with one complete published version of `name`; returns its manifest.
+        """Fill `into` with the published version of `name` (from its blobs); its manifest.
 
         `reuse(rel, entry)` may name a local file with the same content (skips the download).
+        A blob can only vanish when two publishes finished during the read: then the manifest
+        is read again, until `read_timeout`.
         """
         deadline = time.monotonic() + self.settings.read_timeout
         delay = 0.05
@@ -516,7 +602,9 @@ class S3Storage(Storage):
                         except OSError:
                             shutil.copy2(same, target)
                         continue
-                    jobs.append((self._key(name, rel), target, entry["sha256"], entry["size"]))
+                    jobs.append(
+                        (self._blob_key(entry["sha256"]), target, entry["sha256"], entry["size"])
+                    )
                 with ThreadPoolExecutor(max_workers=self.settings.max_concurrency) as pool:
                     list(pool.map(lambda job: self._download(*job), jobs))
                 return manifest
@@ -524,9 +612,9 @@ class S3Storage(Storage):
                 last = str(exc)
             if time.monotonic() > deadline:
                 raise StorageError(
-                    f"model {name!r} in {self._url(self._key())} does not match its manifest "
-                    f"(last: {last}) after {self.settings.read_timeout:.0f} s: it is being "
-                    "replaced continuously, or a publish was interrupted (publish it again)"
+                    f"model {name!r} in {self._url(self._key())}: its content is missing or "
+                    f"damaged (last: {last}) after {self.settings.read_timeout:.0f} s of "
+                    "retries: publish it again"
                 )
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
@@ -559,13 +647,15 @@ class S3Storage(Storage):
         return sorted(names)
 
     def delete(self, name: str) -> None:
-        """Remove the manifest (the model disappears at once), then its files. Idempotent."""
+        """Remove the manifest (the model disappears at once), its tree and unused blobs."""
         _check_name(name)
         self.ensure_bucket()
-        key = self._manifest_key(name)
-        self._call("DeleteObject", key, self._client.delete_object, Bucket=self.bucket, Key=key)
-        tree = self._key(name) + "/"
-        self._delete_keys([obj["Key"] for obj in self._list(tree)])
+        with self._publishing:
+            key = self._manifest_key(name)
+            self._call("DeleteObject", key, self._client.delete_object, Bucket=self.bucket, Key=key)
+            tree = self._key(name) + "/"
+            self._delete_keys([obj["Key"] for obj in self._list(tree)])
+            self._collect_garbage(keep=None)
         if self.sync_dir is not None:
             self._unsync(name)
         self.progress(f"deleted {name} from {self._url(tree)}")
