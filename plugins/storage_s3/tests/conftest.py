@@ -41,6 +41,8 @@ class S3Server:
     endpoint: str
     access_key: str
     secret_key: str
+    bucket: str = TEST_BUCKET
+    """The bucket the tests share (each test under its own prefix)."""
 
     def client(self) -> Any:
         """A plain boto3 client, to look at the bucket the way any S3 user would."""
