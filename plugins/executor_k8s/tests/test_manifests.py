@@ -205,3 +205,27 @@ def test_merge_patch_removes_dropped_keys_and_replaces_lists() -> None:
     new = {"a": {"x": 1}, "l": [3], "k": "v", "n": {"z": 0}}
     assert m.merge_patch(old, new) == {"a": {"y": None}, "l": [3], "n": {"z": 0}}
     assert m.merge_patch(new, new) is None
+
+
+# ------------------------------------------------------------------ the operator guide
+
+DOCS = Path(__file__).parents[3] / "docs" / "kubernetes.md"
+
+
+def test_every_setting_is_documented() -> None:
+    """Each key of [executor] kind = "k8s" appears in docs/kubernetes.md's settings table."""
+    text = DOCS.read_text()
+    missing = [
+        name for name in K8sSettings.model_fields if name != "kind" and f"`{name}`" not in text
+    ]
+    assert not missing, f"settings missing from {DOCS}: {missing}"
+
+
+def test_yaml_examples_in_the_guide_are_valid_kubernetes() -> None:
+    """The RBAC example in docs/kubernetes.md validates against the schema."""
+    text = DOCS.read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
+    assert blocks, "no yaml example in the guide"
+    for block in blocks:
+        for doc in yaml.safe_load_all(block):
+            kubernetes_validate.validate(doc, KUBERNETES_SCHEMA, strict=True)
