@@ -8,6 +8,7 @@ through its scale subresource. `list(deployment)` reports the pods as replicas. 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -137,9 +138,12 @@ class K8sExecutor(Executor):
         patch: Any,
         extra_on_create: dict[str, Any] | None = None,
         check: Any = None,
+        secret_values: dict[str, str] | None = None,
     ) -> tuple[dict[str, Any], str]:
         """Create `desired` or bring the existing object in line (a three-way merge patch).
 
+        For a Secret, `desired` carries digests in `stringData` (that is what the last-applied
+        annotation records) and `secret_values` the values sent to the API server.
         Returns the object as the server answered and what happened: created, updated, unchanged.
         """
         name = desired["metadata"]["name"]
@@ -148,6 +152,8 @@ class K8sExecutor(Executor):
         current = self._read(what, read, name)
         if current is None:
             body = _merge(ours, extra_on_create or {})
+            if secret_values is not None:
+                body["stringData"] = dict(secret_values)
             obj = self._call(f"create {what} {self.ns}/{name}", create, self.ns, body)
             self.log.info("created %s %s/%s", what, self.ns, name)
             return self._api.sanitize_for_serialization(obj), "created"
@@ -168,24 +174,37 @@ class K8sExecutor(Executor):
         diff = m.merge_patch(previous, ours)
         if diff is None:
             return current, "unchanged"
+        if secret_values is not None and "stringData" in diff:
+            _secret_patch(diff, previous, secret_values)
         obj = self._call(
             f"update {what} {self.ns}/{name}", patch, name, self.ns, diff, _content_type=MERGE_PATCH
         )
         self.log.info("updated %s %s/%s", what, self.ns, name)
         return self._api.sanitize_for_serialization(obj), "updated"
 
+    def _apply_secret(self, spec: ReplicaSpec) -> str | None:
+        """Apply the Secret with the storage's environment; None when none is needed."""
+        secret = m.render_secret(self.settings, spec, redact=False)
+        if secret is None:
+            return None
+        values = dict(secret["stringData"])
+        secret["stringData"] = {k: _digest(v) for k, v in values.items()}
+        _, done = self._apply(
+            "Secret",
+            secret,
+            read=self.core.read_namespaced_secret,
+            create=self.core.create_namespaced_secret,
+            patch=self.core.patch_namespaced_secret,
+            secret_values=values,
+        )
+        return done
+
     def ensure_objects(self, spec: ReplicaSpec, *, replicas_on_create: int = 0) -> dict[str, str]:
         """Create or update the Secret, Service and Deployment of `spec`; what happened to each."""
         done: dict[str, str] = {}
-        secret = m.render_secret(self.settings, spec, redact=False)
+        secret = self._apply_secret(spec)
         if secret is not None:
-            _, done["secret"] = self._apply(
-                "Secret",
-                secret,
-                read=self.core.read_namespaced_secret,
-                create=self.core.create_namespaced_secret,
-                patch=self.core.patch_namespaced_secret,
-            )
+            done["secret"] = secret
         _, done["service"] = self._apply(
             "Service",
             m.render_service(self.settings, spec),
@@ -276,15 +295,7 @@ class K8sExecutor(Executor):
         its container on crashes but is not rescheduled if its node goes away.
         """
         names = m.names_for(self.settings, spec.deployment)
-        secret = m.render_secret(self.settings, spec, redact=False)
-        if secret is not None:
-            self._apply(
-                "Secret",
-                secret,
-                read=self.core.read_namespaced_secret,
-                create=self.core.create_namespaced_secret,
-                patch=self.core.patch_namespaced_secret,
-            )
+        self._apply_secret(spec)
         name = f"{names.base}-x{secrets.token_hex(3)}"
         body = m.render_pod(self.settings, spec, name)
         obj = self._call(
@@ -317,8 +328,9 @@ class K8sExecutor(Executor):
     def list(self, deployment: str) -> list[ReplicaStatus]:
         """Pods of `deployment` that are neither being deleted nor finished, sorted by name."""
         out = []
+        urls: dict[str, str | None] = {}
         for pod in sorted(self._pods(deployment), key=lambda p: p["metadata"]["name"]):
-            status = self._status_of(pod)
+            status = self._status_of(pod, urls)
             if status.state.alive:
                 out.append(status)
         return out
@@ -390,8 +402,10 @@ class K8sExecutor(Executor):
                 return f"http://{_host(host)}:{port}"
         return None
 
-    def _status_of(self, pod: dict[str, Any]) -> ReplicaStatus:
-        """Map a pod (as a dict) onto a ReplicaStatus."""
+    def _status_of(
+        self, pod: dict[str, Any], urls: dict[str, str | None] | None = None
+    ) -> ReplicaStatus:
+        """Map a pod (as a dict) onto a ReplicaStatus; `urls` caches Service URLs per call."""
         meta = pod.get("metadata") or {}
         st = pod.get("status") or {}
         name = meta.get("name", "")
@@ -449,7 +463,11 @@ class K8sExecutor(Executor):
         url = None
         if state is ReplicaState.READY:
             if self.settings.route == "service":
-                url = self.service_url(labels.get(m.DEPLOYMENT_LABEL, self.context.deployment))
+                dep = labels.get(m.DEPLOYMENT_LABEL, self.context.deployment)
+                urls = {} if urls is None else urls
+                if dep not in urls:
+                    urls[dep] = self.service_url(dep)
+                url = urls[dep]
                 if url is None:
                     message = "the Service has no reachable address yet"
             elif st.get("podIP"):
@@ -494,6 +512,26 @@ def _annotate(obj: dict[str, Any], text: str) -> dict[str, Any]:
     meta = out.setdefault("metadata", {})
     meta["annotations"] = {**(meta.get("annotations") or {}), m.LAST_APPLIED: text}
     return out
+
+
+def _digest(value: str) -> str:
+    """What the last-applied annotation records for a secret value (never the value)."""
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+
+
+def _secret_patch(diff: dict[str, Any], previous: dict[str, Any], values: dict[str, str]) -> None:
+    """Turn a patch of digests into one of values; removed keys are dropped through `data`."""
+    changed = diff.pop("stringData")
+    if changed is None:
+        removed = list((previous.get("stringData") or {}).keys())
+        changed = {}
+    else:
+        removed = [k for k, v in changed.items() if v is None]
+    update = {k: values[k] for k, v in changed.items() if v is not None}
+    if update:
+        diff["stringData"] = update
+    if removed:
+        diff.setdefault("data", {}).update({k: None for k in removed})
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -186,6 +186,39 @@ def test_storage_credentials_go_into_a_managed_secret(
     assert "s3cr3t" not in json.dumps(c)
 
 
+def test_rotated_credentials_update_the_secret_without_exposing_them(
+    api: EmulatedApi, settings_for: Any, context: BackendContext, deployment: str
+) -> None:
+    """New credentials patch only the Secret (values sent, digests recorded); a key the storage
+    no longer passes is removed; nothing else is rewritten."""
+    ex = K8sExecutor(settings_for(repository_pvc=None), context)
+
+    def spec_with(env: dict[str, str]) -> ReplicaSpec:
+        return ReplicaSpec(
+            deployment=deployment,
+            repository=RepositoryLocation(uri="s3://s3.example.org/bucket/repo", env=env),
+            env=env,
+        )
+
+    ex.scale(spec_with({"AWS_SECRET_ACCESS_KEY": "old-secret", "AWS_SESSION_TOKEN": "tok"}), 1)
+    names = m.names_for(ex.settings, deployment)
+    assert "old-secret" not in json.dumps(api.get("secrets", names.secret)["metadata"])
+    since = len(api.requests())
+    ex.scale(spec_with({"AWS_SECRET_ACCESS_KEY": "new-secret"}), 1)
+    patches = [
+        r
+        for r in list(api.emulator)[since:]
+        if str(r.method.value) == "PATCH" and names.base in str(r.url.path)
+    ]
+    assert [str(r.url.path).rsplit("/", 2)[-2:] for r in patches] == [["secrets", names.secret]]
+    body = patches[0].data
+    assert body["stringData"] == {"AWS_SECRET_ACCESS_KEY": "new-secret"}
+    assert body["data"] == {"AWS_SESSION_TOKEN": None}
+    recorded = body["metadata"]["annotations"][m.LAST_APPLIED]
+    assert "new-secret" not in recorded and "sha256:" in recorded
+    ex.close()
+
+
 def test_refuses_to_take_over_a_foreign_deployment(
     executor: K8sExecutor, spec: ReplicaSpec
 ) -> None:
