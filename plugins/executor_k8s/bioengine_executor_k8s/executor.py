@@ -108,6 +108,10 @@ class K8sExecutor(Executor):
         """What the configured image provides (setting `triton_backends`)."""
         return list(self.settings.triton_backends)
 
+    def replica_gpus(self) -> list[int]:
+        """GPU indices as Triton sees them inside each pod (the device plugin numbers from 0)."""
+        return list(range(self.settings.gpus))
+
     # ------------------------------------------------------------------ applying objects
     def _call(self, action: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("_request_timeout", self._timeout)

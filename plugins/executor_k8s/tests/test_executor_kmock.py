@@ -458,3 +458,13 @@ def test_missing_kubeconfig_is_a_clear_error(
     """A kubeconfig path that does not exist fails at construction, naming the file."""
     with pytest.raises(ExecutorError, match="nope.yaml"):
         K8sExecutor(settings_for(kubeconfig=str(tmp_path / "nope.yaml")), context)
+
+
+def test_backends_and_gpus_for_the_repository_builder(
+    settings_for: Any, context: BackendContext
+) -> None:
+    """The repository builder learns the image's backends and the GPU indices inside a pod."""
+    ex = K8sExecutor(settings_for(gpus=2, triton_backends=["python", "onnxruntime"]), context)
+    assert ex.triton_backends() == ["python", "onnxruntime"]
+    assert ex.replica_gpus() == [0, 1]
+    assert K8sExecutor(settings_for(), context).replica_gpus() == []
