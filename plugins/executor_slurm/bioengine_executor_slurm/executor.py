@@ -67,6 +67,7 @@ class SlurmExecutor(Executor):
         self._snapshot_at = 0.0
         self._known: set[str] = set()  # jobs this instance started or adopted
         self._names = {job_name(settings, context.deployment)}
+        self._last_labels: dict[str, dict[str, str]] = {}  # for answers while Slurm is away
 
     # ------------------------------------------------------------------ squeue snapshot
     def _jobs(self, max_age: float | None = None) -> dict[str, Job]:
@@ -155,7 +156,33 @@ class SlurmExecutor(Executor):
         )
 
     def status(self, replica_id: str) -> ReplicaStatus:
-        """PENDING (with Slurm's reason), STARTING, READY, FAILED (with why), STOPPED."""
+        """PENDING (with Slurm's reason), STARTING, READY, FAILED (with why), STOPPED.
+
+        While the controller does not answer (after retries), a replica whose Triton still
+        answers ready stays READY, and any other reads UNKNOWN: a Slurm outage alone never takes
+        a serving replica out of the rotation.
+        """
+        try:
+            return self._status_of(replica_id)
+        except ExecutorError as exc:
+            endpoint = self._endpoint(replica_id)
+            url = endpoint.get("url") if endpoint else None
+            why = f"Slurm does not answer: {exc}".strip()
+            if url and not self._stopped(replica_id) and is_ready(url):
+                return ReplicaStatus(
+                    replica_id,
+                    ReplicaState.READY,
+                    url=url,
+                    host=endpoint.get("host"),
+                    message=f"Triton is ready ({why.splitlines()[0]})",
+                    labels=self._last_labels.get(
+                        replica_id, self._labels(self.context.deployment, replica_id)
+                    ),
+                    details=self._details(replica_id, None),
+                )
+            return ReplicaStatus(replica_id, ReplicaState.UNKNOWN, url=url, message=why)
+
+    def _status_of(self, replica_id: str) -> ReplicaStatus:
         job = self._lookup(replica_id)
         if job is not None and not self._ours(job):
             return ReplicaStatus(
@@ -273,13 +300,15 @@ class SlurmExecutor(Executor):
         self, job: Job, state: ReplicaState, message: str, endpoint: dict[str, Any] | None = None
     ) -> ReplicaStatus:
         deployment = job.name.removeprefix(f"{self.settings.job_name_prefix}-")
+        labels = self._labels(deployment, job.job_id, parse_comment(job.comment))
+        self._last_labels[job.job_id] = labels
         return ReplicaStatus(
             replica_id=job.job_id,
             state=state,
             url=endpoint.get("url") if endpoint else None,
             host=endpoint.get("host") if endpoint else (job.nodes or None),
             message=message,
-            labels=self._labels(deployment, job.job_id, parse_comment(job.comment)),
+            labels=labels,
             started_at=job.start_time if job.state != "PENDING" else None,
             expires_at=job.expires_at,
             details=self._details(job.job_id, job.name, job),

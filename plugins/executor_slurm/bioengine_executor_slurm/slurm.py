@@ -299,7 +299,9 @@ class SlurmCLI:
                 jobs = self._jobs_json()
                 self._json_ok = True
             except (CommandError, ValueError, KeyError) as exc:
-                if self._json_ok:  # worked before: a real failure, not a missing feature
+                stderr = exc.stderr if isinstance(exc, CommandError) else ""
+                if self._json_ok or any(m in stderr for m in TRANSIENT_ERRORS):
+                    # worked before, or the controller is away: not a missing feature
                     raise ExecutorError(f"squeue failed: {exc}") from exc
                 log.info("squeue --json unavailable (%s); using the text format", exc)
                 self._json_ok = False

@@ -223,3 +223,39 @@ def test_unknown_ids_are_stopped_and_stop_is_a_noop(make_executor, squeue_format
         assert executor.status(replica_id).state is ReplicaState.STOPPED
         executor.stop(replica_id, grace=1)
         assert executor.logs(replica_id).startswith("(no output file")
+
+
+def _controller_pid() -> int | None:
+    try:
+        return int(Path("/run/slurmctld.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def test_controller_outage_keeps_ready_replica_ready(make_executor, spec):
+    """With slurmctld down, a replica whose Triton answers stays READY; Slurm resumes after."""
+    pid = _controller_pid()
+    if pid is None or not Path(f"/proc/{pid}").exists():
+        pytest.skip("needs the local test cluster of .ci/start-slurm.sh (slurmctld pid file)")
+    executor = make_executor()
+    job = executor.start(spec)
+    url = wait_for(executor, job.replica_id, {ReplicaState.READY}).url
+    impatient = make_executor(command_retries=0)
+    subprocess.run(["kill", str(pid)], check=True)
+    try:
+        deadline = time.monotonic() + 20
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        during = impatient.status(job.replica_id)
+        assert during.state is ReplicaState.READY and during.url == url
+        assert "Slurm does not answer" in during.message, during.message
+        assert during.labels["bioengine.deployment"] == spec.deployment
+    finally:
+        subprocess.run(["/usr/sbin/slurmctld"], check=True)  # recovers its saved state
+        deadline = time.monotonic() + 30
+        while subprocess.run(["squeue", "-h"], capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, "slurmctld did not come back"
+            time.sleep(0.5)
+    after = wait_for(executor, job.replica_id, {ReplicaState.READY}, 30)
+    assert after.message == "Triton is ready" and after.details["slurm_state"] == "RUNNING"
+    executor.stop(job.replica_id, grace=5)
