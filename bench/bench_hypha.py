@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import socket
 import statistics
@@ -365,6 +366,8 @@ def main() -> None:
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--identity-server", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # hypha-rpc configures logging to stdout on import unless logging is set up already.
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
     if args.identity_server:
         asyncio.run(_identity_server(args.identity_server))
         return
