@@ -50,7 +50,9 @@ def test_bad_copy_of_example_fails_naming_file_section_key(
     assert "Traceback" not in message
 
 
-def test_unknown_kind_lists_installed_and_known_distribution(tmp_path):
+def test_unknown_kind_lists_installed_and_known_distribution(tmp_path, monkeypatch):
+    # the workspace installs the k8s executor: disable it to stand for "not installed"
+    monkeypatch.setenv("BIOENGINE_DISABLE_PLUGINS", "executor_k8s")
     cfg = write(tmp_path, '[executor]\nkind = "k8s"\n')
     with pytest.raises(ConfigError) as info:
         load_config(cfg)
