@@ -55,6 +55,10 @@ class S3Server:
             config=Config(s3={"addressing_style": "path"}),
         )
 
+    def empty(self, prefix: str) -> None:
+        """Delete every object under `prefix/` in the test bucket."""
+        empty_prefix(self, prefix)
+
     def settings(self, prefix: str, **overrides: Any) -> S3StorageSettings:
         """Storage settings for this server and `prefix` in the shared test bucket."""
         values: dict[str, Any] = {
