@@ -68,6 +68,7 @@ class SlurmExecutor(Executor):
         self._known: set[str] = set()  # jobs this instance started or adopted
         self._names = {job_name(settings, context.deployment)}
         self._last_labels: dict[str, dict[str, str]] = {}  # for answers while Slurm is away
+        self._pruned = False
 
     # ------------------------------------------------------------------ squeue snapshot
     def _jobs(self, max_age: float | None = None) -> dict[str, Job]:
@@ -129,6 +130,9 @@ class SlurmExecutor(Executor):
     def start(self, spec: ReplicaSpec) -> ReplicaStatus:
         """Submit one replica job with `sbatch --parsable`; returns PENDING at once."""
         self.paths.ensure()
+        if not self._pruned:
+            self._pruned = True
+            self.paths.prune()
         script = self.preview(spec)
         env = {**spec.repository.env, **spec.env}
         try:

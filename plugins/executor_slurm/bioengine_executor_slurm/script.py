@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -52,6 +53,23 @@ class ScriptPaths:
         """Create the directories."""
         for path in (self.endpoints, self.logs, self.stopped):
             path.mkdir(parents=True, exist_ok=True)
+
+    def prune(self, max_age_days: float = 30.0) -> int:
+        """Delete bookkeeping files (stop markers, exit records, script copies) older than this.
+
+        Job output files in `logs/` are left to the operator.
+        """
+        cutoff = time.time() - max_age_days * 86400
+        removed = 0
+        for pattern in ("stopped/*", "endpoints/*.exit.json", "scripts/*.sh"):
+            for path in self.state_dir.glob(pattern):
+                try:
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed += 1
+                except OSError:
+                    continue
+        return removed
 
 
 def job_name(settings: SlurmSettings, deployment: str) -> str:

@@ -228,6 +228,16 @@ def job_from_text(line: str) -> Job | None:
     )
 
 
+def submission_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment sbatch runs with: ours, minus the SLURM_* variables of an enclosing job.
+
+    When `serve` itself runs inside a Slurm job, its SLURM_JOB_ID, SLURM_CPUS_PER_TASK, ...
+    must not leak into the replica jobs (Slurm's default `--export=ALL` would copy them);
+    SLURM_CONF, which selects the cluster, is kept.
+    """
+    return {k: v for k, v in environ.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
+
+
 class SlurmCLI:
     """sbatch/squeue/sacct/scancel with retries of transient controller errors."""
 
@@ -266,7 +276,7 @@ class SlurmCLI:
     # ------------------------------------------------------------------ submit / cancel
     def submit(self, script: str, *, env: Mapping[str, str] | None = None) -> str:
         """Submit a batch script on stdin with `sbatch --parsable`; returns the job id."""
-        full_env = dict(os.environ)
+        full_env = submission_env(os.environ)
         full_env.update(env or {})
         out = self.run(["sbatch", "--parsable"], input=script, env=full_env)
         line = out.strip().splitlines()[-1] if out.strip() else ""

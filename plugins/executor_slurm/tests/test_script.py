@@ -277,3 +277,36 @@ def test_every_setting_is_documented() -> None:
         name for name in SlurmSettings.model_fields if name != "kind" if f"| `{name}` |" not in docs
     ]
     assert missing == [], f"settings missing from docs/slurm.md: {missing}"
+
+
+def test_submission_env_drops_an_enclosing_jobs_variables() -> None:
+    """serve running inside a Slurm job does not leak that job's SLURM_* into replica jobs."""
+    from bioengine_executor_slurm.slurm import submission_env
+
+    env = submission_env(
+        {
+            "SLURM_JOB_ID": "7",
+            "SLURM_CPUS_PER_TASK": "2",
+            "SLURM_CONF": "/etc/x.conf",
+            "SBATCH_ACCOUNT": "lab",
+            "PATH": "/bin",
+        }
+    )
+    assert env == {"SLURM_CONF": "/etc/x.conf", "SBATCH_ACCOUNT": "lab", "PATH": "/bin"}
+
+
+def test_prune_removes_only_old_bookkeeping(tmp_path: Path) -> None:
+    """Old stop markers, exit records and script copies go; job output and new files stay."""
+    from bioengine_executor_slurm.script import ScriptPaths
+
+    paths = ScriptPaths(tmp_path)
+    paths.ensure()
+    (tmp_path / "scripts").mkdir()
+    old = [paths.stopped / "1", paths.endpoints / "1.exit.json", tmp_path / "scripts" / "1.sh"]
+    keep = [paths.logs / "bioengine-x-1.out", paths.stopped / "2", paths.endpoints / "2.json"]
+    for path in old + keep:
+        path.write_text("x")
+    for path in old + [keep[0]]:
+        os.utime(path, (0, 0))
+    assert paths.prune(max_age_days=30) == 3
+    assert [p.exists() for p in old] == [False] * 3 and all(p.exists() for p in keep)
