@@ -156,3 +156,26 @@ async def test_embedded_server_that_cannot_start_is_reported_with_its_log(
         await gw.start(toy_service)
     assert gw.info()["state"] == "stopped"
     assert not gw.embedded.running()
+
+
+async def test_embedded_server_that_dies_is_restarted(backend_context, toy_service):
+    import os
+    import signal
+
+    from bioengine_gateway_hypha.server import hypha_installed
+
+    from bioengine_core.testing.pytest_plugin import require_service
+
+    require_service(hypha_installed(), "the Hypha server package (hypha[s3])")
+    gw = HyphaGateway(HyphaGatewaySettings(embedded=True, health_interval=0.5), backend_context)
+    await gw.start(toy_service)
+    try:
+        first = gw.info()["server_pid"]
+        os.kill(first, signal.SIGKILL)
+        killed = time.monotonic()
+        models = await _call_until_ok(gw.info()["url"], "bioengine/bioengine", killed + 60)
+        assert [m["id"] for m in models] == ["double", "sum"]
+        info = gw.info()
+        assert info["server_pid"] != first and info["state"] == "connected"
+    finally:
+        await gw.stop()
