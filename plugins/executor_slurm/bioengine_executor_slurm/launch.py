@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -105,6 +106,19 @@ def build_command(args: argparse.Namespace, ports: list[int]) -> tuple[list[str]
 def container_name(args: argparse.Namespace) -> str:
     """The docker/podman container name of this job's Triton."""
     return f"bioengine-{args.job_id or os.getpid()}"
+
+
+def stop_container(args: argparse.Namespace) -> None:
+    """Stop the job's docker/podman container (SIGTERM, then SIGKILL after the exit timeout)."""
+    grace = (args.exit_timeout if args.exit_timeout is not None else 3) + 2
+    try:
+        subprocess.run(
+            [args.container, "stop", f"--time={grace}", container_name(args)],
+            capture_output=True,
+            timeout=grace + 30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log(f"could not stop container {container_name(args)}: {exc}")
 
 
 def remove_container(args: argparse.Namespace) -> None:
@@ -204,9 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     stopping = {"signal": None}
 
     def forward(signum: int, _frame: object) -> None:
+        first = stopping["signal"] is None
         stopping["signal"] = signum
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
+            if first and args.container in ("podman", "docker"):
+                # The runtime's own signal proxy may be killed by the same scancel: stop the
+                # container through the runtime, or it would outlive the job.
+                threading.Thread(target=stop_container, args=(args,), daemon=True).start()
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
