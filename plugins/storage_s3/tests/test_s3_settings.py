@@ -170,3 +170,11 @@ def test_sync_mode_mirrors_into_the_state_dir_by_default(tmp_path):
     assert storage.sync_dir == tmp_path / "state" / "s3-mirror"
     relative = S3StorageSettings(bucket="models", mode="sync", sync_dir="mirror")
     assert make_storage(settings=relative, context=context).sync_dir == tmp_path / "mirror"
+
+
+def test_the_example_config_is_valid():
+    """plugins/storage_s3/examples/s3.toml passes `config check` (docs/s3.md points to it)."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "s3.toml"
+    result = run_cli("config", "check", "--config", str(example))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "storage 's3'" in result.stdout and "1 model(s)" in result.stdout
