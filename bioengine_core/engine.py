@@ -124,6 +124,7 @@ class Engine(Service):
             backend=entry.backend,
             available_backends=self.executor.triton_backends(),
             max_batch_size=entry.max_batch_size,
+            gpus=self._replica_gpus(),
         )
         self.storage.put(built.name, built.path)
         self.plugins.hook.bioengine_model_published(model_id=built.name, storage=self.storage)
@@ -132,6 +133,11 @@ class Engine(Service):
             f"published to {self.storage.location().uri}"
         )
         return ServedModel(built.name, package, built, entry)
+
+    def _replica_gpus(self) -> list[int] | None:
+        """GPU indices a replica sees, when the executor tells (model instance groups use them)."""
+        probe = getattr(self.executor, "replica_gpus", None)
+        return probe() if callable(probe) else None
 
     def spec(self) -> ReplicaSpec:
         """What every replica runs: Triton over the storage's repository with our models."""
@@ -256,7 +262,12 @@ class Engine(Service):
     async def _refresh(self) -> None:
         """Poll executor states; route newly ready replicas, unroute failed ones."""
         if self.executor.manages_replicas:
-            listed = await asyncio.to_thread(self.executor.list, self.config.engine.name)
+            try:
+                listed = await asyncio.to_thread(self.executor.list, self.config.engine.name)
+            except BioEngineError as exc:
+                # the platform keeps replicas alive; keep routing to the known ones meanwhile
+                log.warning("cannot list replicas (%s); keeping current routes", exc)
+                return
             seen = set()
             for status in listed:
                 seen.add(status.replica_id)
@@ -602,12 +613,19 @@ class Engine(Service):
         served = await asyncio.to_thread(self.prepare_model, entry)
         self.models[served.id] = served
         await self._for_each_routed("POST", f"/v2/repository/models/{served.id}/load")
+        await self._respec()
         return served.id
 
     async def unload_model(self, model_id: str) -> None:
         self._model(model_id)
         await self._for_each_routed("POST", f"/v2/repository/models/{model_id}/unload")
         self.models.pop(model_id, None)
+        await self._respec()
+
+    async def _respec(self) -> None:
+        """Let a platform that manages replicas start new ones with the current model list."""
+        if self.executor.manages_replicas:
+            await asyncio.to_thread(self.executor.scale, self.spec(), self.target)
 
     async def _for_each_routed(self, method: str, path: str) -> None:
         session = await self.router.session()

@@ -45,8 +45,11 @@ class Serve:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [str(BIN / "bioengine"), "serve", "--config", str(config)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "COLUMNS": "200", **(env or {})}, cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "COLUMNS": "200", **(env or {})},
+            cwd=ROOT,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -86,9 +89,16 @@ class Serve:
         return self.proc.returncode
 
 
-def local_config(tmp: Path, *, port: int, replicas: int = 1, name: str = "e2e",
-                 extra_model: str = "", weight_format: str | None = None,
-                 executor: str = '[executor]\nkind = "local"\nmode = "process"\n') -> Path:
+def local_config(
+    tmp: Path,
+    *,
+    port: int,
+    replicas: int = 1,
+    name: str = "e2e",
+    extra_model: str = "",
+    weight_format: str | None = None,
+    executor: str = '[executor]\nkind = "local"\nmode = "process"\n',
+) -> Path:
     """A site config like examples/local.toml, in `tmp`, on the given gateway port."""
     model = ROOT / "models" / "unet2d_nuclei_broad"
     wf = f'weight_format = "{weight_format}"\n' if weight_format else ""
