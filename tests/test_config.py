@@ -127,3 +127,12 @@ def test_secret_is_masked_in_config_check(tmp_path, thirdparty_site):
     dumped = json.dumps(config.redacted())
     assert "s3cr3t-value" not in dumped and "**********" in dumped
     assert "s3cr3t-value" not in repr(config.gateways["x"].settings)
+
+
+@pytest.mark.parametrize(
+    "example",
+    sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("plugins/*/examples/*.toml")),
+)
+def test_every_plugin_example_passes_config_check(example):
+    result = run_cli("config", "check", "--config", example)
+    assert result.returncode == 0, result.stderr
