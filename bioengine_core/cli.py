@@ -68,10 +68,7 @@ def root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False,
 ) -> None:
     """BioEngine: self-hosted model serving for bioimage analysis."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _plugins():
@@ -391,7 +388,10 @@ def status(
 
 
 def main() -> None:
-    """Entry point: add plugin commands, then run."""
+    """Entry point: logging first (before plugins import chatty libraries), plugin commands, run."""
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         from .plugins import PluginManager
 
