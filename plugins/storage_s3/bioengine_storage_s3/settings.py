@@ -105,7 +105,10 @@ class S3StorageSettings(BackendSettings):
         5, ge=1, le=20, description="Attempts per S3 request (botocore's retry, with backoff)."
     )
     read_timeout: float = Field(
-        60.0, gt=0, description="Seconds `get()` keeps retrying while a model is replaced."
+        60.0,
+        gt=0,
+        description="Seconds a read retries when a model's content is missing or damaged "
+        "(it was deleted or changed by hand); then it fails with a clear error.",
     )
 
     @field_validator("bucket")
@@ -193,7 +196,7 @@ class S3StorageSettings(BackendSettings):
         """The repository as Triton's `--model-repository` names it.
 
         Amazon S3: `s3://bucket/prefix`. Another endpoint: `s3://http://host:port/bucket/prefix`
-        (Triton needs the port, so a default one is filled in; it then uses path addressing).
+        (Triton's parser needs the port, so the scheme's default is filled in).
         """
         tail = "/".join(p for p in (self.bucket, self.prefix) if p)
         endpoint = self.replica_endpoint_url or self.endpoint_url

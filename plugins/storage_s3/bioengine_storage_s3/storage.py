@@ -199,6 +199,7 @@ class S3Storage(Storage):
         self._bucket_checked = False
         self._lock = threading.Lock()
         self._publishing = threading.RLock()
+        self._mirroring = threading.RLock()
         self.sync_dir = Path(sync_dir) if sync_dir is not None else None
         if settings.mode == "sync" and self.sync_dir is None:
             raise StorageError('[storage] mode = "sync" needs a sync_dir')
@@ -480,7 +481,10 @@ class S3Storage(Storage):
         report.removed = stale
 
         # 3. Blobs no manifest needs any more (the replaced version's stay for running readers).
-        self._collect_garbage(keep=old)
+        try:
+            self._collect_garbage(keep=old)
+        except StorageError as exc:  # the publish itself succeeded; the next one cleans up
+            log.warning("published %s, but removing unused blobs failed: %s", name, exc)
         report.seconds = time.monotonic() - started
         self.last_publish = report
         self.progress(report.summary())
@@ -681,6 +685,11 @@ class S3Storage(Storage):
         """Mirror every published model into `sync_dir` (unchanged files are kept); names."""
         if self.sync_dir is None:
             raise StorageError("this storage has no sync_dir")
+        with self._mirroring:
+            return self._sync_all()
+
+    def _sync_all(self) -> list[str]:
+        assert self.sync_dir is not None
         self.sync_dir.mkdir(parents=True, exist_ok=True)
         names = self.list()
         for name in names:
@@ -704,6 +713,10 @@ class S3Storage(Storage):
 
     def _sync_model(self, name: str, manifest: dict[str, Any]) -> None:
         """Bring the mirror of `name` to `manifest`'s version: download only what changed."""
+        with self._mirroring:
+            self._mirror_model(name, manifest)
+
+    def _mirror_model(self, name: str, manifest: dict[str, Any]) -> None:
         assert self.sync_dir is not None
         self.sync_dir.mkdir(parents=True, exist_ok=True)
         current, current_manifest = self._local_version(name)
@@ -742,6 +755,10 @@ class S3Storage(Storage):
         self.progress(f"mirrored {name} (version {fetched['version']}) to {target}")
 
     def _unsync(self, name: str) -> None:
+        with self._mirroring:
+            self._unmirror(name)
+
+    def _unmirror(self, name: str) -> None:
         assert self.sync_dir is not None
         current, _ = self._local_version(name)
         target = self.sync_dir / name

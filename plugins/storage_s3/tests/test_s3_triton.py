@@ -186,3 +186,20 @@ def test_triton_serves_the_local_mirror_in_sync_mode(
     triton.load("tiny_affine")
     x = np.full((2, 1, 5, 5), 3.0, dtype=np.float32)
     np.testing.assert_allclose(triton.infer("tiny_affine", x), 2 * x + 1, rtol=1e-6)
+
+
+def test_replicas_reach_s3_under_another_name(
+    seaweed, make_storage, prefix, start_triton, tmp_path
+):
+    """replica_endpoint_url: Triton gets the endpoint by host name, the engine by address."""
+    host_endpoint = seaweed.endpoint.replace("127.0.0.1", "localhost")
+    if host_endpoint == seaweed.endpoint:
+        pytest.skip("the S3 endpoint is not given as 127.0.0.1")
+    storage = make_storage(seaweed, prefix, replica_endpoint_url=host_endpoint)
+    storage.put("tiny_affine", build(tmp_path / "build"))
+    location = storage.location()
+    assert location.uri.startswith(f"s3://{host_endpoint}/")
+    triton = start_triton(location)
+    triton.load("tiny_affine")
+    x = np.ones((1, 1, 2, 2), dtype=np.float32)
+    np.testing.assert_allclose(triton.infer("tiny_affine", x), 3 * x, rtol=1e-6)
