@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from .contracts import BackendSettings, BackendType
 from .errors import ConfigError
 from .plugins import PluginManager
+from .sources import split_ref
 
 ENV_PREFIX = "BIOENGINE_"
 
@@ -238,6 +239,18 @@ def load_config(path: str | Path | None, plugins: PluginManager | None = None) -
     for name in sections.sources:
         if name not in sources:
             backend("source", f"sources.{name}", sections.sources[name], name)
+    schemes = {
+        scheme
+        for name in plugins.names("source")
+        for scheme in (getattr(plugins.get("source", name).record, "schemes", ()) or (name,))
+    }
+    for index, model in enumerate(sections.models, start=1):
+        scheme, _ = split_ref(model.source)
+        if scheme not in schemes:
+            problems.append(
+                f"{file_label}: [models #{index}] key 'source' = {model.source!r}: no model "
+                f"source handles '{scheme}:' (installed: {', '.join(sorted(schemes))})"
+            )
     ids = [m.id for m in sections.models if m.id]
     for dup in sorted({i for i in ids if ids.count(i) > 1}):
         problems.append(f"{file_label}: [models] id {dup!r} is used by more than one model")

@@ -159,7 +159,11 @@ class ReplicaStatus:
     expires_at: float | None = None
     """Wall-clock time at which the backend will end the replica (a job's time limit)."""
     details: dict[str, Any] = field(default_factory=dict)
-    """Backend specifics shown by `bioengine status` (pid, job id, container id)."""
+    """Backend specifics shown by `bioengine status` (pid, job id, container id).
+
+    `details["unsatisfiable"] = True` says the replica can never start as requested (a job asking
+    for more CPUs than any node has); the engine then fails fast with `message`.
+    """
 
 
 class Executor(ABC):

@@ -241,6 +241,16 @@ class Engine(Service):
             if line != last_line:
                 self._say(line)
                 last_line = line
+            hopeless = [
+                (rid, r)
+                for rid, r in self.replicas.items()
+                if r.status.details.get("unsatisfiable")
+            ]
+            if hopeless and ready == 0:
+                rid, rep = hopeless[0]
+                raise ExecutorError(
+                    f"replica {rid} can never start: {rep.status.message or 'unsatisfiable'}"
+                )
             if time.monotonic() > deadline:
                 logs = ""
                 for rid in list(self.replicas)[:2]:

@@ -136,3 +136,10 @@ def test_secret_is_masked_in_config_check(tmp_path, thirdparty_site):
 def test_every_plugin_example_passes_config_check(example):
     result = run_cli("config", "check", "--config", example)
     assert result.returncode == 0, result.stderr
+
+
+def test_model_source_scheme_must_be_installed(tmp_path):
+    cfg = write(tmp_path, '[executor]\nkind = "local"\n\n[[models]]\nsource = "hub:some-model"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert "[models #1] key 'source'" in str(info.value) and "'hub:'" in str(info.value)

@@ -246,6 +246,17 @@ def test_sigkill_of_a_replica_under_load_loses_no_request(served):
 
     after = wait_for(replaced, 120, "a replacement replica process")
     assert victim not in after
+
+    def group_gone():
+        for proc in psutil.process_iter():
+            try:
+                if os.getpgid(proc.pid) == victim:
+                    return False
+            except OSError:
+                pass
+        return True
+
+    wait_for(group_gone, 30, "the killed replica's python backend stubs to be cleaned up")
     wait_for(lambda: get_status(url)["ready_replicas"] == 2, 120, "replacement ready")
 
 

@@ -250,6 +250,10 @@ class ProcessExecutor(Executor):
 
     def _mark_failed(self, meta: dict[str, Any], why: str) -> ReplicaStatus:
         replica_id = meta["replica_id"]
+        try:  # a killed server leaves its python backend stubs behind in its process group
+            os.killpg(meta["pid"], signal.SIGKILL)
+        except OSError:
+            pass
         tail = self.logs(replica_id, tail=15)
         status = self._running_status(meta, ReplicaState.FAILED)
         status.message = f"{why}\n{tail}".strip()
