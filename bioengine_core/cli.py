@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -162,10 +163,9 @@ def serve(
     cfg = _load(config, plugins)
     if replicas is not None:
         cfg.engine.replicas = replicas
-    logging.getLogger("bioengine").setLevel(logging.INFO)
     engine = Engine(cfg, plugins)
     engine.progress = lambda msg: err.print(
-        f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}", highlight=False
+        f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}", highlight=False, soft_wrap=True
     )
     try:
         _run(_serve(engine))
@@ -207,33 +207,36 @@ async def _serve(engine) -> None:
 
 
 def _print_usage(engine) -> None:
+    """Tell the user, in copy-pastable lines, how to call what is now serving."""
+    import shutil
+
     http = next(
         (g.info()["url"] for g in engine.gateways.values() if g.info().get("kind") == "http"), None
     )
     models = sorted(engine.models)
-    console.print(
-        f"[green]BioEngine '{engine.config.engine.name}' is serving[/green] "
-        f"{len(models)} model(s): {', '.join(models)}",
-        highlight=False,
-    )
+    exe = "bioengine" if shutil.which("bioengine") else os.path.relpath(sys.argv[0])
+    lines = [
+        f"BioEngine '{engine.config.engine.name}' is serving {len(models)} model(s): "
+        f"{', '.join(models)}"
+    ]
     for name, gateway in engine.gateways.items():
         info = gateway.info()
-        console.print(
-            f"  gateway {name}: {info.get('url', '')} ({info.get('state', '')})", highlight=False
-        )
+        lines.append(f"  gateway {name}: {info.get('url', '')} ({info.get('state', '')})")
     if http and models:
         m = models[0]
-        console.print(
-            "Call it:\n"
-            f"  bioengine infer --url {http} --model {m} --input INPUT.npy --output out.npy\n"
-            f"  curl {http}/health\n"
+        sample = next(iter(engine.models[m].package.test_inputs.values()), None)
+        example = os.path.relpath(sample) if sample else "INPUT.npy"
+        lines += [
+            "Call it:",
+            f"  {exe} infer --url {http} --model {m} --input {example} --output out.npy",
+            f"  {exe} status --url {http}",
+            f"  curl {http}/health",
             '  python -c "import tritonclient.http as h; '
-            f"c=h.InferenceServerClient('{http.split('://')[1]}'); "
-            f"print(c.get_model_metadata('{m}'))\"\n"
-            "Stop with Ctrl-C.",
-            highlight=False,
-            markup=False,
-        )
+            f"c = h.InferenceServerClient('{http.split('://')[1]}'); "
+            f"print(c.get_model_metadata('{m}'))\"",
+        ]
+    lines.append("Stop with Ctrl-C.")
+    print("\n".join(lines), flush=True)
 
 
 # ------------------------------------------------------------------------- client side
