@@ -158,6 +158,8 @@ class S3StorageSettings(BackendSettings):
             raise ValueError("give access_key_id or access_key_id_env, not both")
         if self.secret_access_key is not None and self.secret_access_key_env is not None:
             raise ValueError("give secret_access_key or secret_access_key_env, not both")
+        if self.mode == "s3":
+            self.triton_uri()  # refuses endpoints Triton cannot name
         return self
 
     # ------------------------------------------------------------------ derived values

@@ -699,6 +699,15 @@ class S3Storage(Storage):
         for entry in self.sync_dir.iterdir():
             if not entry.name.startswith(".") and entry.name not in names:
                 self._unsync(entry.name)
+        # Leftovers of an interrupted run: temporary links, versions no link points to.
+        for entry in list(self.sync_dir.iterdir()):
+            if entry.name.startswith(".") and entry.name.endswith(".lnk"):
+                entry.unlink(missing_ok=True)
+        linked = {os.readlink(p) for p in self.sync_dir.iterdir() if p.is_symlink()}
+        for entry in list(self.sync_dir.iterdir()):
+            if entry.name.startswith(".") and entry.name.endswith((".v", ".tmp")):
+                if entry.name not in linked:
+                    shutil.rmtree(entry, ignore_errors=True)
         self._synced = True
         return names
 

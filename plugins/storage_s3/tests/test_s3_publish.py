@@ -284,10 +284,15 @@ def test_a_new_engine_mirrors_what_is_already_published(
     assert mirror is not None
     (mirror / "gone").mkdir(parents=True)
     (mirror / "gone" / "config.pbtxt").write_text("old")
+    (mirror / ".kept.0123.abcd.v").mkdir()  # left by an interrupted mirror run
     location = reader.location()
     assert location.local_path == mirror
     assert read_tree(mirror / "kept") == V1
     assert not (mirror / "gone").exists()
+    assert sorted(p.name for p in mirror.iterdir() if not p.name.endswith(".json")) == [
+        os.readlink(mirror / "kept"),
+        "kept",
+    ]
 
 
 def test_list_hides_models_whose_first_publish_failed(

@@ -78,6 +78,13 @@ def test_half_a_credential_pair_is_refused():
         )
 
 
+def test_endpoints_triton_cannot_name_are_refused():
+    """Triton's s3:// parser has no IPv6 literals: refused at config time in mode s3."""
+    with pytest.raises(ValidationError, match="IPv6"):
+        S3StorageSettings(bucket="models", endpoint_url="http://[::1]:9000")
+    S3StorageSettings(bucket="models", endpoint_url="http://[::1]:9000", mode="sync")
+
+
 def test_secret_from_the_environment_override(tmp_path):
     """BIOENGINE_STORAGE__SECRET_ACCESS_KEY supplies the secret without writing it in the file."""
     text = GOOD.replace(f'secret_access_key = "{SECRET}"\n', "")
