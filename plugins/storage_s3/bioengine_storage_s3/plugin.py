@@ -24,9 +24,10 @@ def make_storage(*, settings: S3StorageSettings, context: BackendContext) -> S3S
             if settings.sync_dir
             else context.state_dir / "s3-mirror"
         )
-    return S3Storage(
-        settings, sync_dir=sync_dir, progress=context.logger.getChild("storage.s3").info
-    )
+    # Progress lines go where the core shows them (a `progress` callable on the context, where
+    # the core provides one), else to the log at INFO.
+    progress = getattr(context, "progress", None) or context.logger.getChild("storage.s3").info
+    return S3Storage(settings, sync_dir=sync_dir, progress=progress)
 
 
 @hookimpl

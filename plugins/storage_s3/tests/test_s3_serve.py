@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import psutil
 import pytest
 from core_helpers import ROOT, Serve, free_port, get_status
@@ -50,6 +48,20 @@ def triton_cmdlines(state) -> list[str]:
         if argv and argv[0].endswith("tritonserver"):
             found.append(" ".join(argv))
     return found
+
+
+def objects(server, prefix: str) -> dict[str, tuple]:
+    """Every object under `prefix`: key -> (ETag, LastModified), as any S3 client sees them."""
+    client = server.client()
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=server.bucket, Prefix=prefix + "/"
+        )
+        return {
+            o["Key"]: (o["ETag"], o["LastModified"]) for p in pages for o in p.get("Contents", [])
+        }
+    finally:
+        client.close()
 
 
 def infer(url: str):
@@ -107,14 +119,18 @@ def test_serve_publishes_to_s3_and_serves_from_it(seaweed, tmp_path, prefix, mod
     if mode != "s3":
         return
 
-    # A restart republishes the same model: nothing is uploaded or rewritten.
+    # A restart republishes the same model: nothing is uploaded, no object in the tree rewritten.
+    before = objects(seaweed, prefix)
     again = Serve(config, env=env)
     try:
         again.wait_serving(timeout=180)
-        unchanged = (
-            r"published tiny_affine .*: 0 file\(s\) uploaded \(0 B\), 0 updated, \d+ unchanged"
-        )
-        assert re.search(unchanged, again.output), again.output
+        after = objects(seaweed, prefix)
+        tree = [key for key in before if "/.bioengine/" not in key]
+        assert tree and all(after[key] == before[key] for key in tree)
+        blobs = [key for key in after if "/.bioengine/blobs/" in key]
+        assert blobs and all(after[key] == before[key] for key in blobs)
+        manifest = f"{prefix}/.bioengine/models/tiny_affine.json"
+        assert after[manifest] != before[manifest]  # a new version was published all the same
         x, y = infer(url)
         np.testing.assert_allclose(y, 2 * x + 1, rtol=1e-6)
     finally:
