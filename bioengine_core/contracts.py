@@ -44,6 +44,8 @@ class BackendContext:
     config_dir: Path
     """Directory of the site config; relative paths in settings are relative to it."""
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("bioengine"))
+    progress: Callable[[str], None] | None = None
+    """Shows a line to the operator (uploads, syncs, queue waits); None when nobody watches."""
 
     def resolve_path(self, value: str | Path) -> Path:
         """Expand `~` and make `value` absolute relative to the config's directory."""

@@ -77,6 +77,7 @@ class Engine(Service):
             state_dir=self.state_dir,
             config_dir=config.config_dir,
             logger=logging.getLogger("bioengine"),
+            progress=lambda message: self._say(message),
         )
         self.executor: Executor = self._make(config.executor)
         self.storage: Storage = self._make(config.storage)

@@ -5,14 +5,17 @@ How to use it in a plugin's own tests::
     # plugins/storage_s3/tests/test_conformance.py
     import pytest
     from bioengine_core.testing.storage import StorageConformance
-    from bioengine_storage_s3 import S3Storage
+    from bioengine_storage_s3 import S3Storage, S3StorageSettings
 
 
     class TestS3Storage(StorageConformance):
         @pytest.fixture
-        def storage(self, s3_server, tmp_path):
-            store = S3Storage(endpoint=s3_server.url, bucket="models", prefix=tmp_path.name)
-            yield store          # each test gets an empty repository
+        def storage(self, s3_endpoint, tmp_path):
+            settings = S3StorageSettings(endpoint_url=s3_endpoint, bucket="models",
+                                         prefix=tmp_path.name, create_bucket=True)
+            store = S3Storage(settings)
+            yield store          # each test gets an empty repository (a fresh prefix)
+            store.close()
 
 The subclass name must start with `Test`. The one fixture to provide is `storage`: an empty
 repository (a fresh prefix or directory per test). The suite publishes small model directories
