@@ -8,15 +8,21 @@ PLUGINS := -e "plugins/executor_local[triton]" -e plugins/executor_slurm -e "plu
 
 .PHONY: serve test install services lint bench clean
 
-$(BIN)/.installed: pyproject.toml $(wildcard plugins/*/pyproject.toml)
+# What `make serve` needs: the core with ONNX support and the local executor with its Triton.
+$(BIN)/.serve-installed: pyproject.toml plugins/executor_local/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[onnx]" -e "plugins/executor_local[triton]"
+	touch $@
+
+# Everything, for development and tests: every plugin with its test dependencies, torch.
+$(BIN)/.installed: $(BIN)/.serve-installed $(wildcard plugins/*/pyproject.toml)
 	$(BIN)/python -m pip install --quiet -e ".[onnx,torch,test]" $(PLUGINS)
 	touch $@
 
 install: $(BIN)/.installed
 
-serve: install
+serve: $(BIN)/.serve-installed
 	$(BIN)/bioengine serve --config examples/local.toml
 
 services:
@@ -31,6 +37,7 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/bench_local.py
+	$(BIN)/python bench/bench_hypha.py --n 20
 
 clean:
 	rm -rf $(VENV) .bioengine

@@ -16,7 +16,7 @@ serving models/unet2d_nuclei_broad (1x1x512x512); p50 of one inference through
     python bench/bench_hypha.py [--n 20] [--skip-transport] [--skip-model]
 
 Needs hypha[s3], the tritonserver binary (nvidia-pytriton) and the plugins installed.
-Not a test: numbers depend on the machine; record them in bench/RESULTS_hypha.md.
+Not a test: numbers depend on the machine; record them in bench/RESULTS.md.
 """
 
 from __future__ import annotations

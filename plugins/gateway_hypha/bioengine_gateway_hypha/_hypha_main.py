@@ -2,7 +2,7 @@
 
 Hypha's main calls `uvicorn.run` without `ws_per_message_deflate`, so uvicorn compresses every
 WebSocket message with zlib. Image tensors do not compress, and deflating them made a 1 MB
-round trip ~10x slower (bench/RESULTS_hypha.md). This launcher sets the option and hands over
+round trip ~10x slower (bench/RESULTS.md). This launcher sets the option and hands over
 to Hypha's own main unchanged. Usage: python -m bioengine_gateway_hypha._hypha_main ARGS...
 """
 
