@@ -9,6 +9,7 @@ import pytest
 
 from bioengine_core.contracts import BackendContext, ReplicaSpec, RepositoryLocation
 from bioengine_core.errors import ExecutorError
+from bioengine_core.repository import default_python_paths
 from bioengine_core.testing.pytest_plugin import require_service
 from bioengine_core.triton import find_triton
 
@@ -78,6 +79,11 @@ def identity_model(replica_spec: ReplicaSpec) -> str:
     model = Path(replica_spec.repository.uri) / "ident"
     (model / "1").mkdir(parents=True)
     (model / "config.pbtxt").write_text(IDENTITY_CONFIG)
-    (model / "1" / "model.py").write_text(IDENTITY_MODEL)
+    # the stub ignores PYTHONPATH: put this venv's site-packages first, or pb_utils may import
+    # another numpy and send empty outputs (ENVIRONMENT.md)
+    paths = default_python_paths()
+    (model / "1" / "model.py").write_text(
+        f"import sys\nsys.path[:0] = {paths!r}\n" + IDENTITY_MODEL
+    )
     replica_spec.models = ["ident"]
     return "ident"

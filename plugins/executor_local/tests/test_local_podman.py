@@ -149,7 +149,7 @@ def test_python_backend_model_serves_from_container(
     x.set_data_from_numpy(np.arange(4, dtype=np.float32))
     assert client.infer("ident", [x]).as_numpy("y").tolist() == [0, 1, 2, 3]
     t0 = time.monotonic()
-    ex.stop(replica.replica_id, grace=10)  # client connection still open
-    assert time.monotonic() - t0 < 10, "podman stop had to SIGKILL"
+    ex.stop(replica.replica_id, grace=60)  # client connection still open; generous under load
+    assert time.monotonic() - t0 < 60, "podman stop had to SIGKILL (grace ran out)"
     client.close()
     assert ex.status(replica.replica_id).state is ReplicaState.STOPPED

