@@ -8,14 +8,13 @@ fails in CI.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
 from bioengine_core.contracts import ReplicaState
+from bioengine_core.testing.podman import IMAGE, PODMAN_OPTIONS, podman_image_available
 from bioengine_core.testing.pytest_plugin import require_service
 from bioengine_core.triton import find_triton, is_ready
 
@@ -25,28 +24,6 @@ pytestmark = [
     pytest.mark.triton,
     pytest.mark.usefixtures("slurm_cluster"),
 ]
-
-IMAGE = os.environ.get("BIOENGINE_TEST_IMAGE", "localhost/bioengine-triton-test:latest")
-# crun fails on these machines; runc works with explicit ulimits (ENVIRONMENT.md).
-PODMAN_OPTIONS = [
-    "--runtime",
-    "runc",
-    "--ulimit",
-    "nofile=1024:1024",
-    "--ulimit",
-    "nproc=1024:1024",
-]
-
-
-def podman_image_available() -> bool:
-    """True when podman runs and the test image exists."""
-    if not shutil.which("podman"):
-        return False
-    try:
-        run = subprocess.run(["podman", "image", "exists", IMAGE], capture_output=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return run.returncode == 0
 
 
 def wait_state(executor, replica_id, states, timeout=120.0):
