@@ -44,11 +44,15 @@ def start_serve(tmp: Path) -> tuple[subprocess.Popen, str]:
     cfg.write_text(
         f'[engine]\nname = "bench"\nstate_dir = "{tmp / "state"}"\nreplicas = 1\n\n'
         '[executor]\nkind = "local"\nmode = "process"\n\n[storage]\nkind = "local"\n\n'
-        f'[gateways.http]\nport = {port}\n\n'
+        f"[gateways.http]\nport = {port}\n\n"
         f'[[models]]\nsource = "folder:{UNET}"\n\n[[models]]\nsource = "folder:{TINY}"\n'
     )
-    proc = subprocess.Popen([str(BIN / "bioengine"), "serve", "--config", str(cfg)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(BIN / "bioengine"), "serve", "--config", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     lines: list[str] = []
     threading.Thread(target=lambda: [lines.append(x) for x in proc.stdout], daemon=True).start()
@@ -103,8 +107,12 @@ def measure(url: str, send, concurrency: int, requests: int) -> dict:
             f.result()
         wall = time.perf_counter() - t0
     lat = np.array(latencies) * 1000
-    return {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
-            "rps": len(lat) / wall, "n": len(lat)}
+    return {
+        "p50": float(np.percentile(lat, 50)),
+        "p99": float(np.percentile(lat, 99)),
+        "rps": len(lat) / wall,
+        "n": len(lat),
+    }
 
 
 def floor_onnxruntime(weights: Path, x: np.ndarray, in_name: str, requests: int) -> dict:
@@ -121,8 +129,12 @@ def floor_onnxruntime(weights: Path, x: np.ndarray, in_name: str, requests: int)
         lat.append(time.perf_counter() - t)
     wall = time.perf_counter() - t0
     lat_ms = np.array(lat) * 1000
-    return {"p50": float(np.percentile(lat_ms, 50)), "p99": float(np.percentile(lat_ms, 99)),
-            "rps": len(lat) / wall, "n": len(lat)}
+    return {
+        "p50": float(np.percentile(lat_ms, 50)),
+        "p99": float(np.percentile(lat_ms, 99)),
+        "rps": len(lat) / wall,
+        "n": len(lat),
+    }
 
 
 def merge(results: list[dict]) -> dict:
@@ -139,10 +151,20 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
     cases = {
-        "unet2d 512x512": ("unet2d_nuclei_broad", np.load(UNET / "test_input.npy"), "raw",
-                           "probability", UNET / "weights.onnx"),
-        "tiny 1x1x4x4": ("tiny_affine", np.load(TINY / "test_input.npy"), "x", "y",
-                         TINY / "weights.onnx"),
+        "unet2d 512x512": (
+            "unet2d_nuclei_broad",
+            np.load(UNET / "test_input.npy"),
+            "raw",
+            "probability",
+            UNET / "weights.onnx",
+        ),
+        "tiny 1x1x4x4": (
+            "tiny_affine",
+            np.load(TINY / "test_input.npy"),
+            "x",
+            "y",
+            TINY / "weights.onnx",
+        ),
     }
     with tempfile.TemporaryDirectory() as tmp:
         proc, gateway = start_serve(Path(tmp))
@@ -162,9 +184,12 @@ def main() -> None:
                         g_runs.append(measure(gateway, send, conc, n))
                     d, g = merge(d_runs), merge(g_runs)
                     rows.append((label, conc, floor if conc == 1 else None, d, g))
-                    print(f"{label} c={conc}: direct p50 {d['p50']:.2f} ms, gateway p50 "
-                          f"{g['p50']:.2f} ms (x{g['p50'] / d['p50']:.3f}, "
-                          f"+{g['p50'] - d['p50']:.2f} ms)", flush=True)
+                    print(
+                        f"{label} c={conc}: direct p50 {d['p50']:.2f} ms, gateway p50 "
+                        f"{g['p50']:.2f} ms (x{g['p50'] / d['p50']:.3f}, "
+                        f"+{g['p50'] - d['p50']:.2f} ms)",
+                        flush=True,
+                    )
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
@@ -184,8 +209,10 @@ def main() -> None:
     print(text)
     if args.write:
         with open(ROOT / "bench" / "RESULTS.md", "a") as fh:
-            fh.write(f"\n### bench_local.py — {time.strftime('%Y-%m-%d %H:%M')} "
-                     f"({os.cpu_count()} cores)\n\n{text}\n")
+            fh.write(
+                f"\n### bench_local.py — {time.strftime('%Y-%m-%d %H:%M')} "
+                f"({os.cpu_count()} cores)\n\n{text}\n"
+            )
 
 
 if __name__ == "__main__":
