@@ -139,7 +139,7 @@ class Router:
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 0.5))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     # -------------------------------------------------------------- requests
@@ -179,7 +179,7 @@ class Router:
                 )
                 for callback in self.on_replica_error:
                     callback(route.replica_id)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise InferenceError(f"request timed out after {timeout} s", status=504) from None
             finally:
                 route.outstanding -= 1

@@ -122,7 +122,7 @@ class Upstream:
                 if reused and not conn.started and attempt == 0:
                     continue
                 raise
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 conn._fail(ConnectionError("timeout"))
                 raise
             data = b"".join(conn.chunks)

@@ -11,7 +11,6 @@ Hypha RPC and stays there; `connect` opens that RPC connection without WebSocket
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -73,7 +72,7 @@ class BioEngineClient:
                 return await self._infer_direct(model_id, inputs, timeout)
             except RemoteInferenceError:
                 raise
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 log.info("direct path unreachable (%s); using Hypha RPC", exc)
                 self.direct = False
         if timeout is not None:

@@ -140,7 +140,7 @@ class EmbeddedHyphaServer:
                     async with session.get(self.url + "/health/readiness") as resp:
                         if resp.status == 200:
                             return
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                except (TimeoutError, aiohttp.ClientError, OSError):
                     pass
                 if time.monotonic() > deadline:
                     await self.stop()

@@ -41,7 +41,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -457,7 +457,7 @@ class S3Storage(Storage):
                 "format": MANIFEST_FORMAT,
                 "name": name,
                 "version": report.version,
-                "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "files": {
                     rel: {"sha256": sha, "size": size, "etag": etags[rel]}
                     for rel, (_, size, sha) in local.items()
