@@ -16,12 +16,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from .contracts import BackendSettings, BackendType
+from .contracts import BackendContext, BackendSettings, BackendType, ReplicaSpec, RepositoryLocation
 from .errors import ConfigError
 from .plugins import PluginManager
 from .sources import split_ref
 
 ENV_PREFIX = "BIOENGINE_"
+DEPLOYMENT_LABEL = "bioengine.deployment"
+"""Label key every replica carries with its deployment name (adoption after restarts)."""
 
 
 class EngineSettings(BaseModel):
@@ -127,6 +129,25 @@ class SiteConfig:
         """The engine's state directory, absolute."""
         p = Path(self.engine.state_dir).expanduser()
         return p if p.is_absolute() else (self.config_dir / p).resolve()
+
+    def context(self, progress: Any = None) -> BackendContext:
+        """The context every backend factory of this deployment receives."""
+        return BackendContext(
+            deployment=self.engine.name,
+            state_dir=self.state_dir,
+            config_dir=self.config_dir,
+            progress=progress,
+        )
+
+    def replica_spec(self, location: RepositoryLocation, models: list[str]) -> ReplicaSpec:
+        """What every replica of this deployment runs (also what plugin previews show)."""
+        return ReplicaSpec(
+            deployment=self.engine.name,
+            repository=location,
+            models=sorted(models),
+            labels={DEPLOYMENT_LABEL: self.engine.name},
+            env=dict(location.env),
+        )
 
     def redacted(self) -> dict[str, Any]:
         """The whole config as plain data with secrets masked (for `config check`)."""

@@ -300,7 +300,8 @@ class Service(ABC):
     async def infer_raw(
         self, model_id: str, body: bytes, headers: dict[str, str], *, timeout: float | None = None
     ) -> tuple[int, bytes, dict[str, str]]:
-        """Forward a KServe v2 HTTP infer request body to a ready replica; (status, body, headers)."""
+        """Validate a KServe v2 HTTP infer body against the model, then forward it to a ready
+        replica; returns (status, body, headers). InvalidInputError for a wrong request."""
 
     @abstractmethod
     async def test_model(self, model_id: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,6 @@ import numpy as np
 
 from .config import ModelEntry, SiteConfig
 from .contracts import (
-    BackendContext,
     Executor,
     Gateway,
     ModelInfo,
@@ -31,7 +30,7 @@ from .contracts import (
 )
 from .errors import BioEngineError, ExecutorError, ModelError, ModelNotFoundError
 from .plugins import PluginManager
-from .router import Router
+from .router import HEADER_LEN, Router, check_infer_request
 from .sources import split_ref
 
 log = logging.getLogger("bioengine.engine")
@@ -59,7 +58,6 @@ class Replica:
     retiring: bool = False
     adopted: bool = False
     failed_since: float | None = None
-    history: list[str] = field(default_factory=list)
 
 
 class Engine(Service):
@@ -72,13 +70,7 @@ class Engine(Service):
         self.plugins = plugins or PluginManager()
         self.state_dir = config.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.context = BackendContext(
-            deployment=config.engine.name,
-            state_dir=self.state_dir,
-            config_dir=config.config_dir,
-            logger=logging.getLogger("bioengine"),
-            progress=lambda message: self._say(message),
-        )
+        self.context = config.context(progress=lambda message: self._say(message))
         self.executor: Executor = self._make(config.executor)
         self.storage: Storage = self._make(config.storage)
         self.sources: dict[str, ModelSource] = {}
@@ -142,14 +134,7 @@ class Engine(Service):
 
     def spec(self) -> ReplicaSpec:
         """What every replica runs: Triton over the storage's repository with our models."""
-        location = self.storage.location()
-        return ReplicaSpec(
-            deployment=self.config.engine.name,
-            repository=location,
-            models=sorted(self.models),
-            labels={"bioengine.deployment": self.config.engine.name},
-            env=dict(location.env),
-        )
+        return self.config.replica_spec(self.storage.location(), list(self.models))
 
     # ================================================================ life cycle
     def _say(self, message: str) -> None:
@@ -166,7 +151,7 @@ class Engine(Service):
                 raise ModelError(f"two configured models resolve to the id {served.id!r}")
             self.models[served.id] = served
         await self._adopt_or_start()
-        await self._wait_ready(min(1, self.target) if self.target else 0)
+        await self._wait_ready(min(1, self.target))
         for name, gateway in self.gateways.items():
             await gateway.start(self)
             self._say(f"gateway {name}: {gateway.info().get('url', '')}")
@@ -226,12 +211,10 @@ class Engine(Service):
         while True:
             await self._refresh()
             ready = self.router.ready_count()
-            if self.executor.manages_replicas:
-                needed = min(needed, max(self.target, 0))
-            if ready >= needed and (
-                ready >= self.target or needed == 0 or all(r.routed for r in self.replicas.values())
-            ):
-                self._say(f"{ready}/{self.target} replica(s) ready")
+            if ready >= needed:
+                # enough to serve: the supervisor brings any others up in the background
+                rest = "; the rest continue starting" if ready < self.target else ""
+                self._say(f"{ready}/{self.target} replica(s) ready{rest}")
                 return
             states = ", ".join(
                 f"{rid}: {r.status.state.value}"
@@ -264,10 +247,6 @@ class Engine(Service):
                     f"replicas not ready after {self.config.engine.ready_timeout:.0f} s "
                     f"({states}){logs}"
                 )
-            if ready >= needed and needed > 0:
-                # enough to serve: the supervisor brings the rest up in the background
-                self._say(f"{ready}/{self.target} replica(s) ready; the rest continue starting")
-                return
             await asyncio.sleep(0.5)
 
     async def _refresh(self) -> None:
@@ -306,7 +285,6 @@ class Engine(Service):
             status.labels = rep.status.labels
         rep.status = status
         if previous != status.state:
-            rep.history.append(f"{time.strftime('%H:%M:%S')} {status.state.value}")
             log.info(
                 "replica %s: %s -> %s %s",
                 status.replica_id,
@@ -515,6 +493,7 @@ class Engine(Service):
         started = time.perf_counter()
         status = 500
         try:
+            check_infer_request(model.package, model_id, body, headers.get(HEADER_LEN))
             status, data, out = await self.router.request(
                 "POST",
                 f"/v2/models/{model_id}/infer",

@@ -1,8 +1,8 @@
 """The HTTP gateway: KServe v2 / Triton HTTP protocol in front of the router (aiohttp).
 
-Inference bodies are validated against the model's description (names, shapes, dtypes) from
-the JSON header alone and then forwarded unchanged to a replica, so binary tensors are never
-decoded here. Also serves /health, Prometheus /metrics and /bioengine/status.
+Inference bodies go to the engine's `infer_raw`, which validates them against the model's
+description from the JSON header alone and forwards them unchanged to a replica, so binary
+tensors are never decoded. Also serves /health, Prometheus /metrics and /bioengine/status.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ import json
 import logging
 from typing import Any
 
-import numpy as np
 from aiohttp import web
-from tritonclient.utils import triton_to_np_dtype
 
 from . import __version__
 from .contracts import BackendContext, Gateway, Service
@@ -26,44 +24,6 @@ log = logging.getLogger("bioengine.gateway.http")
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
-
-
-def _placeholder(shape: list[int], dtype: np.dtype) -> np.ndarray:
-    """An array of the given shape and dtype that allocates one element (for validation)."""
-    return np.lib.stride_tricks.as_strided(
-        np.zeros(1, dtype=dtype), shape=tuple(shape), strides=(0,) * len(shape)
-    )
-
-
-def check_request(engine: Any, model_id: str, body: bytes, header_length: str | None) -> None:
-    """Validate a KServe v2 infer request's inputs against the model; InvalidInputError if wrong."""
-    from .modelpkg import validate_inputs
-
-    model = engine.models[model_id]
-    try:
-        size = int(header_length) if header_length else len(body)
-        header = json.loads(body[:size])
-        inputs = header["inputs"]
-        arrays = {}
-        for item in inputs:
-            name, shape, datatype = item["name"], item["shape"], item["datatype"]
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise InvalidInputError(
-                    f"model '{model_id}' input '{name}': shape must be a list of sizes"
-                )
-            dtype = triton_to_np_dtype(datatype)
-            if dtype is None:
-                raise InvalidInputError(
-                    f"model '{model_id}' input '{name}': unknown datatype {datatype!r}"
-                )
-            arrays[name] = _placeholder(shape, np.dtype(dtype))
-    except InvalidInputError:
-        raise
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(
-            f"malformed inference request for model '{model_id}': {type(exc).__name__}: {exc}"
-        ) from None
-    validate_inputs(model.package, arrays)
 
 
 class HttpGateway(Gateway):
@@ -181,7 +141,6 @@ class HttpGateway(Gateway):
             header_length = request.headers.get(HEADER_LEN)
             if request.headers.get("Content-Encoding"):
                 raise InvalidInputError(f"model '{model}': compressed requests are not supported")
-            check_request(self.service, model, body, header_length)
             headers = {
                 "Content-Type": request.headers.get("Content-Type", "application/octet-stream")
             }
@@ -200,4 +159,4 @@ class HttpGateway(Gateway):
         return resp
 
 
-__all__ = ["HttpGateway", "check_request"]
+__all__ = ["HttpGateway"]

@@ -8,18 +8,12 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 1
 
 
 class Metrics:
-    """Requests, errors, latency histogram and ready replicas."""
+    """Requests (errors are `status="error"`), latency histogram and ready replicas."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "bioengine_requests", "Inference requests", ["model", "status"], registry=self.registry
-        )
-        self.errors = Counter(
-            "bioengine_request_errors",
-            "Failed inference requests",
-            ["model"],
-            registry=self.registry,
         )
         self.latency = Histogram(
             "bioengine_request_latency_seconds",
@@ -35,8 +29,6 @@ class Metrics:
     def observe(self, model: str, status: str, seconds: float) -> None:
         """Record one request."""
         self.requests.labels(model, status).inc()
-        if status != "ok":
-            self.errors.labels(model).inc()
         self.latency.labels(model).observe(seconds)
 
     def render(self) -> bytes:

@@ -12,14 +12,15 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
 import tritonclient.http as tc
-from tritonclient.utils import np_to_triton_dtype
+from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
-from .errors import InferenceError, NoReplicaError
+from .errors import InferenceError, InvalidInputError, NoReplicaError
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -223,3 +224,45 @@ def error_message(data: bytes) -> str:
         return str(json.loads(data).get("error", ""))
     except (ValueError, AttributeError):
         return data.decode(errors="replace")[:500]
+
+
+def _placeholder(shape: list[int], dtype: np.dtype) -> np.ndarray:
+    """An array of the given shape and dtype that allocates one element (for validation)."""
+    return np.lib.stride_tricks.as_strided(
+        np.zeros(1, dtype=dtype), shape=tuple(shape), strides=(0,) * len(shape)
+    )
+
+
+def check_infer_request(
+    package: Any, model_id: str, body: bytes, header_length: str | None
+) -> None:
+    """Validate a KServe v2 infer request's inputs (JSON header only) against the model's package.
+
+    Raises InvalidInputError naming the model and tensor; binary tensor data is never decoded.
+    """
+    from .modelpkg import validate_inputs
+
+    try:
+        size = int(header_length) if header_length else len(body)
+        header = json.loads(body[:size])
+        inputs = header["inputs"]
+        arrays = {}
+        for item in inputs:
+            name, shape, datatype = item["name"], item["shape"], item["datatype"]
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise InvalidInputError(
+                    f"model '{model_id}' input '{name}': shape must be a list of sizes"
+                )
+            dtype = triton_to_np_dtype(datatype)
+            if dtype is None:
+                raise InvalidInputError(
+                    f"model '{model_id}' input '{name}': unknown datatype {datatype!r}"
+                )
+            arrays[name] = _placeholder(shape, np.dtype(dtype))
+    except InvalidInputError:
+        raise
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(
+            f"malformed inference request for model '{model_id}': {type(exc).__name__}: {exc}"
+        ) from None
+    validate_inputs(package, arrays)

@@ -188,8 +188,16 @@ def test_bad_requests_get_4xx_naming_model_and_tensor(served):
     assert status == 400 and MODEL_ID in body["error"] and "malformed" in body["error"]
     status, body = post(f"{url}/v2/models/{MODEL_ID}/infer", b'{"inputs": [{"name": "raw"}]}')
     assert status == 400 and MODEL_ID in body["error"]
-    # still serving
+    # still serving, and every rejected request is counted as an error for the model
     np.testing.assert_allclose(tc_infer(url, X, client=client), Y, atol=1e-4, rtol=1e-4)
+    with urllib.request.urlopen(f"{url}/metrics") as resp:
+        metrics = resp.read().decode()
+    errors = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith(f'bioengine_requests_total{{model="{MODEL_ID}",status="error"}}')
+    ]
+    assert errors and float(errors[0].split()[-1]) >= 5, metrics
 
 
 def test_health_and_metrics(served):

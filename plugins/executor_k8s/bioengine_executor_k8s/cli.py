@@ -31,18 +31,9 @@ def load_site(config: Path, models: list[str]) -> tuple[K8sSettings, BackendCont
             f"{config}: [executor] kind = {cfg.executor.record.name!r}; "
             '`bioengine k8s` needs kind = "k8s"'
         )
-    context = BackendContext(
-        deployment=cfg.engine.name, state_dir=cfg.state_dir, config_dir=cfg.config_dir
-    )
+    context = cfg.context()
     storage = cfg.storage.record.factory(settings=cfg.storage.settings, context=context)
-    location = storage.location()
-    spec = ReplicaSpec(
-        deployment=cfg.engine.name,
-        repository=location,
-        models=models or sorted(m.id for m in cfg.models if m.id),
-        labels={manifests.DEPLOYMENT_LABEL: cfg.engine.name},
-        env=dict(location.env),
-    )
+    spec = cfg.replica_spec(storage.location(), models or [m.id for m in cfg.models if m.id])
     return cfg.executor.settings, context, spec
 
 

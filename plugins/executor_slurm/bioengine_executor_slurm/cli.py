@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from bioengine_core.contracts import BackendContext, ReplicaSpec
+from bioengine_core.contracts import ReplicaSpec
 from bioengine_core.errors import BioEngineError, ConfigError
 
 from .executor import SlurmExecutor
@@ -31,12 +31,9 @@ def build_spec_and_executor(config: Path, models: list[str]) -> tuple[SlurmExecu
             f"{config}: [executor] kind = {cfg.executor.record.name!r}; "
             '`bioengine slurm` needs kind = "slurm"'
         )
-    context = BackendContext(
-        deployment=cfg.engine.name, state_dir=cfg.state_dir, config_dir=cfg.config_dir
-    )
+    context = cfg.context()
     executor = SlurmExecutor(cfg.executor.settings, context)
     storage = cfg.storage.record.factory(settings=cfg.storage.settings, context=context)
-    location = storage.location()
     names = models or sorted(m.id for m in cfg.models if m.id)
     unnamed = [m.source for m in cfg.models if not m.id]
     if unnamed and not models:
@@ -45,13 +42,7 @@ def build_spec_and_executor(config: Path, models: list[str]) -> tuple[SlurmExecu
             f"`serve` resolves them ({', '.join(unnamed)}); pass --model ID to show them",
             err=True,
         )
-    spec = ReplicaSpec(
-        deployment=cfg.engine.name,
-        repository=location,
-        models=names,
-        labels={"bioengine.deployment": cfg.engine.name},
-        env=dict(location.env),
-    )
+    spec = cfg.replica_spec(storage.location(), names)
     return executor, spec
 
 

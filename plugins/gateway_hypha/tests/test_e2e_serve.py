@@ -7,11 +7,8 @@ the Hypha gateway connected.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import numpy as np
 import pytest
 from bioengine_gateway_hypha.client import BioEngineClient
 from bioengine_gateway_hypha.server import hypha_installed
+from core_helpers import Serve, free_port
 from hypha_rpc import connect_to_server
 
 from bioengine_core.testing.pytest_plugin import require_service
@@ -30,12 +28,6 @@ MODEL = ROOT / "models" / "unet2d_nuclei_broad"
 MODEL_ID = "unet2d_nuclei_broad"
 BIN = Path(sys.executable).parent
 ADMIN = "e2e-admin-secret-abcdefghijklmnopqrstuvwxyz"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _triton_available() -> bool:
@@ -83,52 +75,9 @@ source = "folder:{MODEL}"
     return path
 
 
-class ServeProcess:
-    """`bioengine serve --config FILE` in a subprocess, output collected."""
-
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
-        self.lines: list[str] = []
-        env = {**os.environ, "COLUMNS": "200", "E2E_HYPHA_ADMIN": ADMIN, **(env or {})}
-        self.proc = subprocess.Popen(
-            [str(BIN / "bioengine"), "serve", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_serving(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if "is serving" in self.output:
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited ({self.proc.returncode}):\n{self.output}")
-            time.sleep(0.3)
-        raise AssertionError(f"serve not ready in {timeout} s:\n{self.output}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(5)
-        return self.proc.returncode
+def ServeProcess(config: Path, env: dict[str, str] | None = None) -> Serve:  # noqa: N802
+    """`bioengine serve` with the admin secret this module's config refers to."""
+    return Serve(config, env={"E2E_HYPHA_ADMIN": ADMIN, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +85,7 @@ def served(tmp_path_factory):
     require_service(hypha_installed(), "the Hypha server package (hypha[s3])")
     require_service(_triton_available(), "the tritonserver binary (nvidia-pytriton)")
     tmp = tmp_path_factory.mktemp("hypha-e2e")
-    http_port, hypha_port = _free_port(), _free_port()
+    http_port, hypha_port = free_port(), free_port()
     config = write_config(tmp, http_port=http_port, hypha_port=hypha_port)
     serve = ServeProcess(config)
     try:
@@ -266,7 +215,7 @@ async def _list_until(url: str, service_id: str, deadline: float) -> list:
 async def test_proxy_mode_survives_a_hypha_restart(fresh_hypha_server, tmp_path):
     """serve registers on a separately started Hypha; after its restart, callable in < 30 s."""
     require_service(_triton_available(), "the tritonserver binary (nvidia-pytriton)")
-    http_port = _free_port()
+    http_port = free_port()
     hypha = (
         f'server_url = "{fresh_hypha_server.url}"\nworkspace = "proxy-site"\n'
         'token_env = "E2E_HYPHA_TOKEN"\nhealth_interval = 0.5\nreconnect_max_delay = 2'
