@@ -304,6 +304,12 @@ class Service(ABC):
         replica; returns (status, body, headers). InvalidInputError for a wrong request."""
 
     @abstractmethod
+    def check_inputs(self, model_id: str, specs: dict[str, tuple[tuple[int, ...], str]]) -> None:
+        """Check input shapes and dtype names (`{tensor id: (shape, "float32")}`) against the
+        model before any tensor data is read or inflated; InvalidInputError naming the model
+        and input, ModelNotFoundError for an unknown model."""
+
+    @abstractmethod
     async def test_model(self, model_id: str) -> dict[str, Any]:
         """Run the model's own test inputs through the replicas and compare with its test outputs."""
 

@@ -509,6 +509,11 @@ class Engine(Service):
                 model_id, "ok" if status == 200 else "error", time.perf_counter() - started
             )
 
+    def check_inputs(self, model_id: str, specs: dict[str, tuple[tuple[int, ...], str]]) -> None:
+        from .modelpkg import validate_input_specs
+
+        validate_input_specs(self._model(model_id).package, specs)
+
     async def test_model(self, model_id: str) -> dict[str, Any]:
         model = self._model(model_id)
         pkg = model.package

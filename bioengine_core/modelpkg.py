@@ -397,6 +397,15 @@ def validate_inputs(pkg: ModelPackage, inputs: dict[str, np.ndarray]) -> None:
 
     The dtype must equal the declared one (what the Triton config declares); see module docs.
     """
+    validate_input_specs(
+        pkg, {k: (tuple(np.shape(v)), np.asarray(v).dtype.name) for k, v in inputs.items()}
+    )
+
+
+def validate_input_specs(pkg: ModelPackage, specs: dict[str, tuple[tuple[int, ...], str]]) -> None:
+    """Like `validate_inputs`, from (shape, dtype name) per input id: no data needed, so a
+    request can be checked before its tensors are read or inflated."""
+    inputs = specs
     expected_ids = [s.id for s in pkg.inputs]
     missing = [i for i in expected_ids if i not in inputs]
     unknown = [k for k in inputs if k not in expected_ids]
@@ -411,8 +420,8 @@ def validate_inputs(pkg: ModelPackage, inputs: dict[str, np.ndarray]) -> None:
             f"expected {', '.join(repr(i) for i in expected_ids)}"
         )
     for spec in pkg.inputs:
-        arr = np.asarray(inputs[spec.id])
-        check_tensor(pkg.id, spec, tuple(arr.shape), arr.dtype.name)
+        shape, dtype = inputs[spec.id]
+        check_tensor(pkg.id, spec, tuple(shape), dtype)
 
 
 def has_processing(pkg: ModelPackage) -> bool:
