@@ -79,6 +79,9 @@ async def _identity_server(spec: str) -> None:
         async def infer_raw(self, *a, **k):
             raise NotImplementedError
 
+        def check_inputs(self, model_id, specs):
+            return None
+
         async def test_model(self, model_id):
             return {}
 
