@@ -50,6 +50,33 @@ app.add_typer(config_app, name="config")
 app.add_typer(plugins_app, name="plugins")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Path to site.toml.")]
+TokenFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--token-file",
+        help="File holding an API token for the gateway (or set BIOENGINE_TOKEN; never pass "
+        "a token on the command line, where other users can read it).",
+    ),
+]
+CaOpt = Annotated[
+    Path | None, typer.Option("--cacert", help="CA certificate to trust for an https:// URL.")
+]
+
+
+def _token(token_file: Path | None) -> str | None:
+    """The API token from --token-file or BIOENGINE_TOKEN (None: call without one)."""
+    if token_file is not None:
+        try:
+            value = token_file.read_text().strip()
+        except OSError as exc:
+            err.print(f"error: cannot read --token-file {token_file}: {exc}", markup=False)
+            raise typer.Exit(2) from None
+        return value or None
+    return os.environ.get("BIOENGINE_TOKEN", "").strip() or None
+
+
+def _auth_headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def _version(value: bool) -> None:
@@ -235,6 +262,12 @@ def _print_usage(engine) -> None:
             f"c = h.InferenceServerClient('{http.split('://')[1]}'); "
             f"print(c.get_model_metadata('{m}'))\"",
         ]
+    for name, backend in engine.config.gateways.items():
+        if getattr(backend.settings, "exposed_anonymously", False):
+            lines.append(
+                f"WARNING: gateway {name} listens on {backend.settings.host} and accepts callers "
+                "without a token (allow_anonymous = true): anyone on the network may run models."
+            )
     lines.append("Stop with Ctrl-C.")
     print("\n".join(lines), flush=True)
 
@@ -272,6 +305,8 @@ def infer(
     ],
     url: Annotated[str | None, typer.Option(help="Gateway URL (default from --config).")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="site.toml")] = None,
+    token_file: TokenFileOpt = None,
+    cacert: CaOpt = None,
 ) -> None:
     """Send .npy files to a served model and save its outputs (uses a stock Triton client)."""
     import numpy as np
@@ -279,11 +314,21 @@ def infer(
     from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
     base = _gateway_url(url, config)
+    headers = _auth_headers(_token(token_file))
+    secure = base.startswith("https://")
+    tls: dict = {}
+    if secure:
+        import gevent.ssl
+
+        def context_factory():
+            return gevent.ssl.create_default_context(cafile=str(cacert) if cacert else None)
+
+        tls = {"ssl": True, "ssl_context_factory": context_factory}
     client = tc.InferenceServerClient(
-        base.split("://", 1)[1], network_timeout=300, connection_timeout=30
+        base.split("://", 1)[1], network_timeout=300, connection_timeout=30, **tls
     )
     try:
-        meta = client.get_model_metadata(model)
+        meta = client.get_model_metadata(model, headers=headers)
         in_names = [t["name"] for t in meta["inputs"]]
         out_names = [t["name"] for t in meta["outputs"]]
         arrays = {}
@@ -301,7 +346,10 @@ def infer(
             targets[name] = path
         started = time.perf_counter()
         result = client.infer(
-            model, inputs, outputs=[tc.InferRequestedOutput(n, binary_data=True) for n in targets]
+            model,
+            inputs,
+            outputs=[tc.InferRequestedOutput(n, binary_data=True) for n in targets],
+            headers=headers,
         )
         elapsed = time.perf_counter() - started
     except InferenceServerException as exc:
@@ -322,14 +370,33 @@ def status(
     url: Annotated[str | None, typer.Option(help="Gateway URL (default from --config).")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="site.toml")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    token_file: TokenFileOpt = None,
+    cacert: CaOpt = None,
 ) -> None:
-    """Show what runs where: replicas, endpoints, states, models and request counts."""
+    """Show what runs where: replicas, endpoints, states, models and request counts.
+
+    Replica details (processes, endpoints, paths) need an admin token when the gateway has
+    tokens; an inference token shows states and counts only.
+    """
     import httpx
 
     base = _gateway_url(url, config)
     data = None
     try:
-        data = httpx.get(f"{base}/bioengine/status", timeout=10).json()
+        resp = httpx.get(
+            f"{base}/bioengine/status",
+            timeout=10,
+            headers=_auth_headers(_token(token_file)),
+            verify=str(cacert) if cacert else True,
+        )
+        if resp.status_code in (401, 403):
+            err.print(
+                f"error: {base} refused the status call ({resp.status_code}): "
+                f"{resp.json().get('error', '')}; pass --token-file or set BIOENGINE_TOKEN",
+                markup=False,
+            )
+            raise typer.Exit(1)
+        data = resp.json()
     except (httpx.HTTPError, ValueError):
         if config:
             cfg = _load(config)
@@ -392,9 +459,12 @@ def status(
 
 def main() -> None:
     """Entry point: logging first (before plugins import chatty libraries), plugin commands, run."""
+    from . import logsafe
+
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logsafe.install()
     try:
         from .plugins import PluginManager
 

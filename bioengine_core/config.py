@@ -46,6 +46,15 @@ class EngineSettings(BaseModel):
     health_interval: float = Field(2.0, gt=0, description="Seconds between health checks.")
     stop_grace: float = Field(10.0, ge=0, description="Seconds between SIGTERM and SIGKILL.")
     request_timeout: float = Field(60.0, gt=0, description="Default per-request timeout (s).")
+    stall_timeout: float = Field(
+        3.0,
+        gt=0,
+        description="Seconds a replica may go without answering while requests are in flight "
+        "before the router probes its liveness (a frozen replica's requests are then resent).",
+    )
+    probe_timeout: float = Field(
+        2.0, gt=0, description="Seconds the liveness probe of a quiet replica may take."
+    )
     successor_lead: float = Field(
         60.0, ge=0, description="Start a successor this many seconds before a replica expires."
     )

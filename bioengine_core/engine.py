@@ -29,8 +29,9 @@ from .contracts import (
     Storage,
 )
 from .errors import BioEngineError, ExecutorError, ModelError, ModelNotFoundError
+from .kserve import HEADER_LEN, check_response, parse_request
 from .plugins import PluginManager
-from .router import HEADER_LEN, Router, check_infer_request
+from .router import Router, error_message
 from .sources import split_ref
 
 log = logging.getLogger("bioengine.engine")
@@ -81,7 +82,9 @@ class Engine(Service):
         self.models: dict[str, ServedModel] = {}
         self.replicas: dict[str, Replica] = {}
         self.target = config.engine.replicas
-        self.router = Router()
+        self.router = Router(
+            stall_after=config.engine.stall_timeout, probe_timeout=config.engine.probe_timeout
+        )
         self.router.on_replica_error.append(self._on_replica_error)
         self.metrics = Metrics()
         self._supervisor: asyncio.Task | None = None
@@ -437,13 +440,13 @@ class Engine(Service):
         return self._model(model_id).package.rdf
 
     def timeout_for(self, model_id: str, timeout: float | None = None) -> float:
-        """The per-request timeout for a model (request > model config > engine default)."""
+        """The deadline of one request: the caller's, capped by the model's (or the engine's) limit."""
         model = self.models.get(model_id)
-        return (
-            timeout
-            or (model.entry.timeout if model and model.entry.timeout else None)
-            or self.config.engine.request_timeout
+        limit = (model.entry.timeout if model and model.entry.timeout else None) or (
+            self.config.engine.request_timeout
         )
+        # a caller may ask for less time than the model's limit, never for more
+        return min(timeout, limit) if timeout and timeout > 0 else limit
 
     async def infer(
         self,
@@ -493,14 +496,26 @@ class Engine(Service):
         started = time.perf_counter()
         status = 500
         try:
-            check_infer_request(model.package, model_id, body, headers.get(HEADER_LEN))
+            request = parse_request(
+                model_id,
+                body,
+                headers.get(HEADER_LEN),
+                package=model.package,
+                check=lambda specs: self.check_inputs(model_id, specs),
+            )
+            parts, upstream_headers = request.build()
             status, data, out = await self.router.request(
                 "POST",
                 f"/v2/models/{model_id}/infer",
-                body=body,
-                headers=headers,
-                timeout=self.timeout_for(model_id, timeout),
+                body=parts,
+                headers=upstream_headers,
+                timeout=self.timeout_for(model_id, timeout or request.timeout),
+                verify=lambda st, data, got: check_response(request, st, data, got),
             )
+            if status != 200:
+                # Triton's error text, rebuilt as our own JSON (a replica's 5xx stays a 5xx)
+                data = json.dumps({"error": error_message(data)[:2000]}).encode()
+                out = {"Content-Type": "application/json"}
             return status, data, out
         finally:
             if status != 200:

@@ -1,8 +1,9 @@
 """Routes inference requests to ready replicas: least outstanding requests, retry on failure.
 
-Requests travel as KServe v2 HTTP bodies with the binary-tensor extension, built and parsed
-with tritonclient; each replica has its own keep-alive connection pool, closed when the replica
-leaves (an open keep-alive connection would hold up Triton's shutdown).
+Requests travel as KServe v2 HTTP bodies with the binary-tensor extension, rebuilt by
+`kserve.InferRequest` with a request id of the router's own that the answer must carry back;
+each replica has its own keep-alive connection pool, closed when the replica leaves (an open
+keep-alive connection would hold up Triton's shutdown).
 """
 
 from __future__ import annotations
@@ -11,27 +12,32 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
 import tritonclient.http as tc
-from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
+from tritonclient.utils import np_to_triton_dtype
 
-from .errors import InferenceError, InvalidInputError, NoReplicaError
-from .upstream import Upstream
+from .errors import InferenceError, NoReplicaError
+from .kserve import HEADER_LEN, InferRequest, ProtocolError, Tensor, check_response
+from .upstream import StalledError, Upstream
 
 log = logging.getLogger(__name__)
 
-HEADER_LEN = "Inference-Header-Content-Length"
 RETRYABLE = (aiohttp.ClientConnectionError, ConnectionError, OSError)
+"""Errors that say the replica failed (connection refused, reset, stalled, protocol anomaly).
+
+Python 3.11's TimeoutError is an OSError: a caller's deadline must never count as a replica
+failure, so it is caught before these."""
 PASSED_HEADERS = (
     ("content-type", "Content-Type"),
-    ("content-encoding", "Content-Encoding"),
     (HEADER_LEN.lower(), HEADER_LEN),
 )
+STALL_PROBE = "/v2/health/live"
 
 
 @dataclass
@@ -44,8 +50,12 @@ class Route:
     requests: int = 0
     failures: int = 0
     draining: bool = False
+    stalled: bool = False
     added_at: float = field(default_factory=time.monotonic)
+    last_answer: float = field(default_factory=time.monotonic)
     upstream: Upstream | None = None
+    inflight: dict[int, float] = field(default_factory=dict)
+    """Start time (monotonic) of each request in flight, by a request counter."""
 
     def client(self) -> Upstream:
         """This replica's keep-alive connection pool."""
@@ -61,15 +71,35 @@ class Route:
 
 
 class Router:
-    """Picks a ready replica per request and retries elsewhere when a replica fails."""
+    """Picks a ready replica per request and retries elsewhere when a replica fails.
 
-    def __init__(self, *, retries: int = 3, wait_for_replica: float = 30.0):
+    A caller's deadline bounds everything a request does (waiting for a replica, retries) and
+    its expiry says nothing about the replica. A replica that stops answering is found by a
+    watchdog (requests older than `stall_after` and no answer since: probe its liveness on a
+    fresh connection); its requests in flight are then resent to another replica.
+    """
+
+    def __init__(
+        self,
+        *,
+        retries: int = 3,
+        wait_for_replica: float = 30.0,
+        stall_after: float = 3.0,
+        probe_timeout: float = 2.0,
+    ):
         self.routes: dict[str, Route] = {}
         self.retries = retries
         self.wait_for_replica = wait_for_replica
+        self.stall_after = stall_after
+        self.probe_timeout = probe_timeout
         self._session: aiohttp.ClientSession | None = None
         self._changed = asyncio.Event()
+        self._watchdog: asyncio.Task | None = None
+        self._counter = 0
+        self._fastest: dict[str, deque[float]] = {}
         self.on_replica_error: list = []  # callbacks(replica_id) when a replica fails a request
+        self.stalls = 0
+        self.deadline_rejections = 0
 
     async def session(self) -> aiohttp.ClientSession:
         """A session for control requests (model load/unload), not for inference."""
@@ -79,7 +109,10 @@ class Router:
         return self._session
 
     async def close(self) -> None:
-        """Close every HTTP session."""
+        """Close every HTTP session and stop the watchdog."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._session is not None:
             await self._session.close()
         for route in list(self.routes.values()):
@@ -94,6 +127,8 @@ class Router:
             log.info("routing to replica %s at %s", replica_id, url)
         else:
             route.draining = False
+            route.stalled = False
+            route.last_answer = time.monotonic()
         self._changed.set()
 
     async def release(self, replica_id: str) -> None:
@@ -143,48 +178,150 @@ class Router:
             except TimeoutError:
                 pass
 
+    # -------------------------------------------------------------- stalls
+    def _ensure_watchdog(self) -> None:
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.get_running_loop().create_task(
+                self._watch(), name="bioengine-router-watchdog"
+            )
+
+    async def _watch(self) -> None:
+        interval = max(0.1, min(0.5, self.stall_after / 4))
+        probing: dict[str, asyncio.Task] = {}
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for route in list(self.routes.values()):
+                if route.stalled or not route.inflight or route.replica_id in probing:
+                    continue
+                oldest = min(route.inflight.values())
+                if now - oldest > self.stall_after and now - route.last_answer > self.stall_after:
+                    probing[route.replica_id] = asyncio.create_task(self._probe(route))
+            for rid, task in list(probing.items()):
+                if task.done():
+                    probing.pop(rid)
+
+    async def _probe(self, route: Route) -> None:
+        """Ask a quiet replica whether it is alive (fresh connection); abort its requests if not."""
+        probe = Upstream(*route.client().host_port())
+        try:
+            status, _, _ = await probe.request("GET", STALL_PROBE, timeout=self.probe_timeout)
+            if status == 200:
+                return
+            why = f"liveness answered {status}"
+        except TimeoutError:
+            why = f"no liveness answer in {self.probe_timeout:g} s"
+        except (ConnectionError, OSError) as exc:
+            why = f"liveness probe failed: {exc}"
+        finally:
+            probe.close()
+        if route.replica_id not in self.routes or route.stalled:
+            return
+        route.stalled = True
+        route.draining = True
+        self.stalls += 1
+        aborted = route.client().abort(f"replica {route.replica_id} stalled ({why})")
+        log.warning(
+            "replica %s stopped answering (%s): %d request(s) resent to other replicas",
+            route.replica_id,
+            why,
+            aborted,
+        )
+        for callback in self.on_replica_error:
+            callback(route.replica_id)
+
     # -------------------------------------------------------------- requests
+    def _too_short(self, key: str, remaining: float) -> bool:
+        """True when no answer for `key` has ever come back within `remaining` seconds."""
+        seen = self._fastest.get(key)
+        return bool(seen) and len(seen) >= 3 and remaining < min(seen)
+
+    def _record(self, key: str, elapsed: float) -> None:
+        seen = self._fastest.get(key)
+        if seen is None:
+            if len(self._fastest) > 1024:
+                self._fastest.clear()
+            seen = self._fastest[key] = deque(maxlen=64)
+        seen.append(elapsed)
+
     async def request(
         self,
         method: str,
         path: str,
         *,
-        body: bytes | None = None,
+        body: bytes | list[bytes | memoryview] | None = None,
         headers: dict[str, str] | None = None,
         timeout: float = 60.0,
+        verify: Callable[[int, bytes, dict[str, str]], tuple[bytes, dict[str, str]]] | None = None,
     ) -> tuple[int, bytes, dict[str, str]]:
-        """Send one HTTP request to a ready replica, failing over on connection errors."""
-        deadline = time.monotonic() + max(timeout, self.wait_for_replica)
+        """Send one request to a ready replica within `timeout`, failing over on replica errors.
+
+        `verify(status, body, headers)` checks a 200 answer (raising ProtocolError when it does
+        not belong to the request) and may rewrite it. InferenceError(504) when the caller's
+        deadline passes; NoReplicaError(503) when no replica could answer.
+        """
+        started = time.monotonic()
+        deadline = started + timeout
         tried: set[str] = set()
         last: Exception | None = None
+        self._ensure_watchdog()
         # replicas are local hops: never pay for compression, and pass bodies through unchanged
         headers = {**(headers or {}), "Accept-Encoding": "identity"}
         for _ in range(self.retries + 1):
-            route = await self._pick(tried, deadline)
+            try:
+                route = await self._pick(tried, min(deadline, started + self.wait_for_replica))
+            except NoReplicaError:
+                if time.monotonic() >= deadline:
+                    raise self._timed_out(timeout) from None
+                raise
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._too_short(path, remaining):
+                # an answer cannot come in time: do not make a replica compute it for nobody
+                self.deadline_rejections += 1
+                raise self._timed_out(timeout)
+            self._counter += 1
+            ticket = self._counter
             route.outstanding += 1
             route.requests += 1
+            route.inflight[ticket] = time.monotonic()
             try:
+                sent = time.monotonic()
                 status, data, got = await route.client().request(
-                    method, path, body=body, headers=headers, timeout=timeout
+                    method, path, body=body, headers=headers, timeout=remaining
                 )
+                route.last_answer = time.monotonic()
                 if status in (502, 503) and b"not ready" in data.lower():
                     raise ConnectionError(f"replica {route.replica_id} not ready")
                 out_headers = {name: got[key] for key, name in PASSED_HEADERS if key in got}
+                if status == 200 and verify is not None:
+                    data, out_headers = verify(status, data, got)
+                if status == 200:
+                    self._record(path, route.last_answer - sent)
                 return status, data, out_headers
+            except TimeoutError:
+                raise self._timed_out(timeout) from None
             except RETRYABLE as exc:
                 last = exc
                 route.failures += 1
+                if isinstance(exc, ProtocolError):
+                    route.client().close()  # the connection that answered wrongly is pooled
                 tried.add(route.replica_id)
                 log.warning(
                     "replica %s failed a request (%s); retrying elsewhere", route.replica_id, exc
                 )
-                for callback in self.on_replica_error:
-                    callback(route.replica_id)
-            except TimeoutError:
-                raise InferenceError(f"request timed out after {timeout} s", status=504) from None
+                if not isinstance(exc, StalledError):  # the watchdog reported that one already
+                    for callback in self.on_replica_error:
+                        callback(route.replica_id)
             finally:
                 route.outstanding -= 1
+                route.inflight.pop(ticket, None)
         raise NoReplicaError(f"request failed on {len(tried)} replica(s): {last}")
+
+    @staticmethod
+    def _timed_out(timeout: float) -> InferenceError:
+        return InferenceError(
+            f"request timed out after {timeout:g} s (the caller's deadline)", status=504
+        )
 
     async def infer(
         self,
@@ -195,23 +332,31 @@ class Router:
         timeout: float = 60.0,
     ) -> dict[str, np.ndarray]:
         """Run a Triton model on numpy inputs with binary tensors; returns numpy outputs."""
-        infer_inputs = []
+        tensors = []
         for name, array in inputs.items():
             arr = np.ascontiguousarray(array)
-            item = tc.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
-            item.set_data_from_numpy(arr, binary_data=True)
-            infer_inputs.append(item)
-        requested = [tc.InferRequestedOutput(name, binary_data=True) for name in outputs]
-        body, json_size = tc.InferenceServerClient.generate_request_body(infer_inputs, requested)
-        headers = {"Content-Type": "application/octet-stream"}
-        if json_size is not None:
-            headers[HEADER_LEN] = str(json_size)
+            tensors.append(
+                Tensor(
+                    name, list(arr.shape), np_to_triton_dtype(arr.dtype), memoryview(arr).cast("B")
+                )
+            )
+        request = InferRequest(model, tensors, [(name, True) for name in outputs])
+        parts, headers = request.build()
+
+        def verify(status: int, data: bytes, got: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+            return check_response(request, status, data, got)
+
         status, data, out_headers = await self.request(
-            "POST", f"/v2/models/{model}/infer", body=body, headers=headers, timeout=timeout
+            "POST",
+            f"/v2/models/{model}/infer",
+            body=parts,
+            headers=headers,
+            timeout=timeout,
+            verify=verify,
         )
         if status != 200:
             raise InferenceError(error_message(data) or f"HTTP {status}", status=status)
-        header_length = out_headers.get(HEADER_LEN) or out_headers.get(HEADER_LEN.lower())
+        header_length = out_headers.get(HEADER_LEN)
         result = tc.InferenceServerClient.parse_response_body(
             data, header_length=int(header_length) if header_length else None
         )
@@ -224,45 +369,3 @@ def error_message(data: bytes) -> str:
         return str(json.loads(data).get("error", ""))
     except (ValueError, AttributeError):
         return data.decode(errors="replace")[:500]
-
-
-def _placeholder(shape: list[int], dtype: np.dtype) -> np.ndarray:
-    """An array of the given shape and dtype that allocates one element (for validation)."""
-    return np.lib.stride_tricks.as_strided(
-        np.zeros(1, dtype=dtype), shape=tuple(shape), strides=(0,) * len(shape)
-    )
-
-
-def check_infer_request(
-    package: Any, model_id: str, body: bytes, header_length: str | None
-) -> None:
-    """Validate a KServe v2 infer request's inputs (JSON header only) against the model's package.
-
-    Raises InvalidInputError naming the model and tensor; binary tensor data is never decoded.
-    """
-    from .modelpkg import validate_inputs
-
-    try:
-        size = int(header_length) if header_length else len(body)
-        header = json.loads(body[:size])
-        inputs = header["inputs"]
-        arrays = {}
-        for item in inputs:
-            name, shape, datatype = item["name"], item["shape"], item["datatype"]
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise InvalidInputError(
-                    f"model '{model_id}' input '{name}': shape must be a list of sizes"
-                )
-            dtype = triton_to_np_dtype(datatype)
-            if dtype is None:
-                raise InvalidInputError(
-                    f"model '{model_id}' input '{name}': unknown datatype {datatype!r}"
-                )
-            arrays[name] = _placeholder(shape, np.dtype(dtype))
-    except InvalidInputError:
-        raise
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(
-            f"malformed inference request for model '{model_id}': {type(exc).__name__}: {exc}"
-        ) from None
-    validate_inputs(package, arrays)
