@@ -298,13 +298,15 @@ class HttpGateway(Gateway):
         role = self._role(request)
         request["role"] = role
         if needed is not None and _RANK[role] < _RANK[needed]:
-            if role is None:
+            presented = "Authorization" in request.headers
+            if role is None or (not presented and self.tokens.enabled):
                 return _error(
                     401,
                     "this call needs an API token: send 'Authorization: Bearer TOKEN'",
                     {"WWW-Authenticate": 'Bearer realm="bioengine"'},
                 )
-            return _error(403, f"this call needs the {needed} role; your token has {role}")
+            who = "your token has" if presented else "anonymous callers have"
+            return _error(403, f"this call needs the {needed} role; {who} the {role} role")
         try:
             return await handler(request)
         except web.HTTPException as exc:

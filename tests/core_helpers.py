@@ -98,6 +98,7 @@ def local_config(
     extra_model: str = "",
     weight_format: str | None = None,
     executor: str = '[executor]\nkind = "local"\nmode = "process"\n',
+    gateway: str = "",
 ) -> Path:
     """A site config like examples/local.toml, in `tmp`, on the given gateway port."""
     model = ROOT / "models" / "unet2d_nuclei_broad"
@@ -105,7 +106,7 @@ def local_config(
     text = (
         f'[engine]\nname = "{name}"\nstate_dir = "{tmp / "state"}"\nreplicas = {replicas}\n'
         f"health_interval = 0.5\nstop_grace = 5\n\n{executor}\n"
-        f'[storage]\nkind = "local"\n\n[gateways.http]\nkind = "http"\nport = {port}\n\n'
+        f'[storage]\nkind = "local"\n\n[gateways.http]\nkind = "http"\nport = {port}\n{gateway}\n'
         f'[[models]]\nsource = "folder:{model}"\n{wf}{extra_model}'
     )
     path = tmp / "site.toml"
