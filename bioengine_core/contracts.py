@@ -309,6 +309,11 @@ class Service(ABC):
         model before any tensor data is read or inflated; InvalidInputError naming the model
         and input, ModelNotFoundError for an unknown model."""
 
+    def would_time_out(self, model_id: str, timeout: float | None) -> bool:
+        """True when a request with this deadline (seconds) cannot be answered in time, so a
+        gateway may answer 504 before reading its body. The default knows nothing: False."""
+        return False
+
     @abstractmethod
     async def test_model(self, model_id: str) -> dict[str, Any]:
         """Run the model's own test inputs through the replicas and compare with its test outputs."""

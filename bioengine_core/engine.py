@@ -524,6 +524,13 @@ class Engine(Service):
                 model_id, "ok" if status == 200 else "error", time.perf_counter() - started
             )
 
+    def would_time_out(self, model_id: str, timeout: float | None) -> bool:
+        if not timeout or timeout <= 0 or model_id not in self.models:
+            return False
+        return self.router.hopeless(
+            f"/v2/models/{model_id}/infer", self.timeout_for(model_id, timeout)
+        )
+
     def check_inputs(self, model_id: str, specs: dict[str, tuple[tuple[int, ...], str]]) -> None:
         from .modelpkg import validate_input_specs
 

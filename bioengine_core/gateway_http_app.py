@@ -429,10 +429,16 @@ class HttpGateway(Gateway):
         except (ValueError, RecursionError):
             raise InferenceError("the body must be a JSON object", status=400) from None
 
-    async def _read_body(self, request: web.Request) -> tuple[bytearray, int] | web.Response:
+    async def _read_body(
+        self,
+        request: web.Request,
+        peek: Callable[[memoryview], web.Response | None] | None = None,
+    ) -> tuple[bytearray, int] | web.Response:
         """The body, read within the size limit, memory budget and read deadline.
 
-        Returns (body, reserved bytes) or the error response to send.
+        `peek(json_header)` sees the JSON header as soon as it has arrived and may answer
+        instead (the rest is then never read). Returns (body, reserved bytes) or the error
+        response to send.
         """
         s = self.settings
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
@@ -465,12 +471,20 @@ class HttpGateway(Gateway):
                     body = bytearray(declared)
                     view = memoryview(body)
                     filled = 0
+                    head = _header_length(request, declared) if peek else 0
                     while filled < declared:
-                        chunk = await request.content.read(min(CHUNK, declared - filled))
+                        want = head - filled if filled < head else declared - filled
+                        chunk = await request.content.read(min(CHUNK, want))
                         if not chunk:
                             break
                         view[filled : filled + len(chunk)] = chunk
                         filled += len(chunk)
+                        if head and filled == head and peek is not None:
+                            early = peek(view[:head])
+                            if early is not None:
+                                view.release()
+                                self.budget.release(reserved)
+                                return early  # aiohttp discards the unread rest
                     view.release()
                     if filled != declared:
                         self.budget.release(reserved)
@@ -506,9 +520,25 @@ class HttpGateway(Gateway):
             self.budget.release(reserved)
             raise
 
+    def _early_answer(self, model: str, header: memoryview) -> web.Response | None:
+        """504 at once for a deadline this model has never been answered within."""
+        try:
+            params = json.loads(bytes(header)).get("parameters") or {}
+            timeout = params.get("timeout")
+        except (ValueError, RecursionError, AttributeError):
+            return None  # the full parser says what is wrong
+        if isinstance(timeout, int) and timeout > 0:
+            if self.service.would_time_out(model, timeout / 1e6):
+                return _error(
+                    504,
+                    f"request timed out: model '{model}' has not answered within "
+                    f"{timeout / 1e3:g} ms recently (the caller's deadline)",
+                )
+        return None
+
     async def infer(self, request: web.Request) -> web.StreamResponse:
         model = self._known(request)
-        read = await self._read_body(request)
+        read = await self._read_body(request, peek=lambda head: self._early_answer(model, head))
         if isinstance(read, web.StreamResponse):
             return read
         body, reserved = read
@@ -523,6 +553,15 @@ class HttpGateway(Gateway):
         for key, value in out_headers.items():
             resp.headers[key] = value
         return resp
+
+
+def _header_length(request: web.Request, declared: int) -> int:
+    """The declared JSON header length when it is plausible, else 0 (no early look)."""
+    raw = request.headers.get(HEADER_LEN, "")
+    if not raw.isdigit() or len(raw) > 9:
+        return 0
+    value = int(raw)
+    return value if 0 < value <= min(declared, 1 << 20) else 0
 
 
 def _summary(status: dict[str, Any]) -> dict[str, Any]:

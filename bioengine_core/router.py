@@ -231,10 +231,13 @@ class Router:
             callback(route.replica_id)
 
     # -------------------------------------------------------------- requests
-    def _too_short(self, key: str, remaining: float) -> bool:
-        """True when no answer for `key` has ever come back within `remaining` seconds."""
-        seen = self._fastest.get(key)
-        return bool(seen) and len(seen) >= 3 and remaining < min(seen)
+    def hopeless(self, path: str, remaining: float) -> bool:
+        """True when no recent answer for `path` came back within `remaining` seconds."""
+        seen = self._fastest.get(path)
+        if seen and len(seen) >= 3 and remaining < min(seen):
+            self.deadline_rejections += 1
+            return True
+        return False
 
     def _record(self, key: str, elapsed: float) -> None:
         seen = self._fastest.get(key)
@@ -275,9 +278,8 @@ class Router:
                     raise self._timed_out(timeout) from None
                 raise
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._too_short(path, remaining):
+            if remaining <= 0 or self.hopeless(path, remaining):
                 # an answer cannot come in time: do not make a replica compute it for nobody
-                self.deadline_rejections += 1
                 raise self._timed_out(timeout)
             self._counter += 1
             ticket = self._counter
