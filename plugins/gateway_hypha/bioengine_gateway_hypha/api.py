@@ -2,7 +2,8 @@
 
 Every function receives Hypha's `context` (the service is registered with `require_context`),
 which names the caller; deployment-changing operations check it against the operator's
-authorisation settings.
+authorisation settings. Every function is registered through `errors.guard`: a failure
+reaches the caller as a one-line message, never as a server traceback.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import numpy as np
 from pydantic import SecretStr
 
 from bioengine_core.contracts import ModelInfo, Service
-from bioengine_core.errors import InvalidInputError
+from bioengine_core.errors import InvalidInputError, ModelNotFoundError
+
+from .errors import RequestTooLargeError, guard, public_error
 
 log = logging.getLogger("bioengine.gateway.hypha")
 
@@ -43,18 +46,35 @@ def model_info_dict(info: ModelInfo) -> dict[str, Any]:
     return _plain(dataclasses.asdict(info))
 
 
+def _numeric(name: str, value: Any) -> np.ndarray:
+    """`value` as an array of bool, integers or floats; InvalidInputError otherwise."""
+    try:
+        array = np.asarray(value)
+    except Exception as exc:  # ragged lists and the like
+        raise InvalidInputError(f"input {name}: not an array ({type(exc).__name__})") from None
+    if array.dtype.kind not in "biuf":
+        raise InvalidInputError(
+            f"input {name}: dtype {array.dtype} is not accepted (bool, integer or float arrays)"
+        )
+    return array
+
+
 def normalise_inputs(inputs: Any) -> dict[str, np.ndarray] | list[np.ndarray]:
-    """Accept a dict keyed by tensor id, a positional list, or one array."""
+    """Accept a dict keyed by tensor id, a positional list, or one array (numeric only)."""
     if isinstance(inputs, dict):
-        return {str(k): np.asarray(v) for k, v in inputs.items()}
+        return {str(k): _numeric(repr(str(k)), v) for k, v in inputs.items()}
     if isinstance(inputs, (list, tuple)):
-        return [np.asarray(v) for v in inputs]
+        return [_numeric(f"#{i}", v) for i, v in enumerate(inputs)]
     if isinstance(inputs, np.ndarray):
-        return [inputs]
+        return [_numeric("#0", inputs)]
     raise InvalidInputError(
         f"inputs must be a dict of arrays keyed by tensor id, a list of arrays or one array, "
         f"not {type(inputs).__name__}"
     )
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
 
 
 class Authoriser:
@@ -95,12 +115,64 @@ class HyphaApi:
         *,
         gateway_info: Callable[[], dict[str, Any]],
         direct_ticket: Callable[[dict[str, Any] | None], dict[str, Any] | None] | None = None,
+        max_input_bytes: int | None = None,
     ) -> None:
         self.service = service
         self.auth = authoriser
         self.gateway_info = gateway_info
         self.direct_ticket = direct_ticket
+        self.max_input_bytes = max_input_bytes
         self.inflight = 0
+
+    # ------------------------------------------------------------------ input checks
+    def input_ids(self, model_id: str) -> list[str]:
+        """The model's input tensor ids in declared order; ModelNotFoundError if not served."""
+        served = self.service.list_models()
+        for info in served:
+            if info.id == model_id:
+                return [str(t.get("id") or t.get("name")) for t in info.inputs]
+        raise ModelNotFoundError(model_id, [m.id for m in served])
+
+    def check_specs(
+        self,
+        model_id: str,
+        specs: dict[str, tuple[tuple[int, ...], str]] | list[tuple[tuple[int, ...], str]],
+    ) -> None:
+        """Check (shape, dtype) per input, keyed by id or positional, before data is used."""
+        if isinstance(specs, list):
+            ids = self.input_ids(model_id)
+            if len(specs) != len(ids):
+                raise InvalidInputError(
+                    f"model '{model_id}' takes {len(ids)} input(s) "
+                    f"({', '.join(repr(i) for i in ids)}), got {len(specs)}"
+                )
+            specs = dict(zip(ids, specs, strict=True))
+        self.service.check_inputs(model_id, specs)
+
+    def _bounded(self, inputs: dict[str, np.ndarray] | list[np.ndarray]) -> None:
+        """RequestTooLargeError when the arrays together exceed `max_input_bytes`."""
+        arrays = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+        total = sum(int(a.nbytes) for a in arrays)
+        if self.max_input_bytes is not None and total > self.max_input_bytes:
+            raise RequestTooLargeError(
+                f"inputs of {_mib(total)} exceed this gateway's limit of "
+                f"{_mib(self.max_input_bytes)} per request (rpc_max_input_bytes); "
+                "send smaller tiles or use the direct path"
+            )
+
+    async def run(
+        self,
+        model_id: str,
+        inputs: dict[str, np.ndarray] | list[np.ndarray],
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run checked inputs through the service (shared by RPC and the direct path)."""
+        self.inflight += 1
+        try:
+            return await self.service.infer(model_id, inputs, timeout=timeout)
+        finally:
+            self.inflight -= 1
 
     # ------------------------------------------------------------------ model runner
     def list_models(self, context: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -142,11 +214,13 @@ class HyphaApi:
         context: dict[str, Any] | None = None,
     ) -> dict[str, np.ndarray]:
         """Run a model on numpy arrays (dict keyed by tensor id, or positional list) -> outputs."""
-        self.inflight += 1
-        try:
-            return await self.service.infer(model_id, normalise_inputs(inputs), timeout=timeout)
-        finally:
-            self.inflight -= 1
+        arrays = normalise_inputs(inputs)
+        self._bounded(arrays)
+        if isinstance(arrays, dict):
+            self.check_specs(model_id, {k: (a.shape, a.dtype.name) for k, a in arrays.items()})
+        else:
+            self.check_specs(model_id, [(a.shape, a.dtype.name) for a in arrays])
+        return await self.run(model_id, arrays, timeout=timeout)
 
     async def test(self, model_id: str, context: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run the model's own test inputs through the replicas; pass/fail and max error."""
@@ -233,8 +307,9 @@ class HyphaApi:
                 result["rdf"] = _plain(self.service.get_model(model_id))
             return result
         except Exception as exc:  # the runner reports failures in-band, as clients expect
-            log.info("bioengine-model-runner request failed: %s", exc)
-            return {"success": False, "error": f"{type(exc).__name__}: {exc}"}
+            public = public_error(exc, where="bioengine-model-runner")
+            log.info("bioengine-model-runner request failed: %s", public.message)
+            return {"success": False, "error": public.message}
 
     def _output_order(self, model_id: str, outputs: dict[str, np.ndarray]) -> list[str]:
         """Output ids in the model's declared order (then any extra ones)."""
@@ -277,16 +352,16 @@ class HyphaApi:
             "type": RUNNER_TYPE,
             "description": "Run BioImage Model Zoo models served by this BioEngine deployment.",
             "config": {"visibility": visibility, "require_context": True},
-            "list_models": self.list_models,
-            "search_models": self.search_models,
-            "get_model_rdf": self.get_model_rdf,
-            "infer": self.infer,
-            "test": self.test,
-            "status": self.status,
-            "get_direct_access": self.get_direct_access,
-            "load_model": self.load_model,
-            "unload_model": self.unload_model,
-            "scale": self.scale,
+            "list_models": guard(self.list_models),
+            "search_models": guard(self.search_models),
+            "get_model_rdf": guard(self.get_model_rdf),
+            "infer": guard(self.infer),
+            "test": guard(self.test),
+            "status": guard(self.status),
+            "get_direct_access": guard(self.get_direct_access),
+            "load_model": guard(self.load_model),
+            "unload_model": guard(self.unload_model),
+            "scale": guard(self.scale),
         }
 
     def triton_definition(self, service_id: str, visibility: str) -> dict[str, Any]:
@@ -297,8 +372,8 @@ class HyphaApi:
             "type": TRITON_TYPE,
             "description": "execute()/get_config() as existing BioEngine clients call them.",
             "config": {"visibility": visibility, "require_context": True},
-            "execute": self.execute,
-            "get_config": self.get_config,
+            "execute": guard(self.execute),
+            "get_config": guard(self.get_config),
         }
 
 

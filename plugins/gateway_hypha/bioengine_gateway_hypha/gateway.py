@@ -11,7 +11,8 @@ from typing import Any
 from bioengine_core.contracts import BackendContext, Gateway, Service
 
 from .api import Authoriser, HyphaApi, caller_of
-from .direct import DirectServer, Tickets, ticket_payload
+from .direct import DirectLimits, DirectServer, Tickets, ticket_payload
+from .errors import install_error_guard
 from .server import EmbeddedHyphaServer
 from .settings import HyphaGatewaySettings, read_secret
 from .wsopts import websocket_compression
@@ -89,6 +90,7 @@ class HyphaGateway(Gateway):
                 extra_args=s.server_args,
                 public_url=s.public_url,
                 ws_compression=s.ws_compression,
+                withhold_env=[name for name in (s.token_env, s.admin_token_env) if name],
             )
             await self.embedded.start(s.startup_timeout)
         self._api = HyphaApi(
@@ -96,10 +98,21 @@ class HyphaGateway(Gateway):
             Authoriser(s.admin_users, admin_secret),
             gateway_info=self.info,
             direct_ticket=self._issue_ticket if s.direct else None,
+            max_input_bytes=s.rpc_max_input_bytes,
         )
         if s.direct:
             self.direct = DirectServer(
-                self._api.infer, self._tickets, host=s.direct_host, port=s.direct_port
+                self._api.run,
+                self._tickets,
+                host=s.direct_host,
+                port=s.direct_port,
+                check_inputs=self._api.check_specs,
+                model_exists=self._api.input_ids,
+                limits=DirectLimits(
+                    max_request_bytes=s.direct_max_request_bytes,
+                    read_timeout=s.direct_read_timeout,
+                    body_timeout=s.direct_body_timeout,
+                ),
             )
             await self.direct.start()
         self.state = CONNECTING
@@ -193,6 +206,7 @@ class HyphaGateway(Gateway):
                 server = await self._enter_workspace(server, base, ws)
         try:
             assert self._api is not None
+            install_error_guard(server)  # callers get messages, not our tracebacks
             runner = await server.register_service(
                 self._api.runner_definition(s.service_id, s.visibility), {"overwrite": True}
             )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
-import os
 import secrets
 import signal
 import socket
@@ -17,9 +16,15 @@ from pathlib import Path
 
 import aiohttp
 
+from bioengine_core.childenv import child_env
 from bioengine_core.errors import BioEngineError
 
 log = logging.getLogger("bioengine.gateway.hypha")
+
+
+SERVER_ENV_ALLOW = ("HYPHA_*", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+"""Variables the embedded server inherits besides the core's BASE_ALLOW: the operator's Hypha
+options (`--from-env`) and what Python needs to import the same packages."""
 
 
 class HyphaServerError(BioEngineError):
@@ -62,6 +67,7 @@ class EmbeddedHyphaServer:
         public_url: str | None = None,
         root_token: str | None = None,
         ws_compression: bool = False,
+        withhold_env: Sequence[str] = (),
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
@@ -71,6 +77,7 @@ class EmbeddedHyphaServer:
         # Strong random root token, handed to the child through its environment (not argv).
         self.root_token = root_token or secrets.token_urlsafe(32)
         self.ws_compression = ws_compression
+        self.withhold_env = list(withhold_env)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -96,6 +103,20 @@ class EmbeddedHyphaServer:
             cmd.append(f"--public-base-url={self.public_url}")
         return cmd + self.extra_args
 
+    def environment(self) -> dict[str, str]:
+        """The child's environment: an allow-list (see `SERVER_ENV_ALLOW`) plus its own settings.
+
+        Secrets of `bioengine serve` (S3 keys, API tokens, the variables named in
+        `withhold_env`) do not reach the Hypha server; its root token is its own.
+        """
+        env = child_env(allow=SERVER_ENV_ALLOW)
+        for name in self.withhold_env:
+            env.pop(name, None)
+        env.setdefault("HYPHA_LOGLEVEL", "WARNING")
+        env["HYPHA_ROOT_TOKEN"] = self.root_token
+        env["BIOENGINE_HYPHA_WS_DEFLATE"] = "true" if self.ws_compression else "false"
+        return env
+
     def running(self) -> bool:
         """True while the child process is alive."""
         return self.process is not None and self.process.poll() is None
@@ -105,10 +126,7 @@ class EmbeddedHyphaServer:
         if self.running():
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env["HYPHA_ROOT_TOKEN"] = self.root_token
-        env.setdefault("HYPHA_LOGLEVEL", "WARNING")
-        env["BIOENGINE_HYPHA_WS_DEFLATE"] = "true" if self.ws_compression else "false"
+        env = self.environment()
         logfile = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         try:
             # Popen from the event-loop thread: PDEATHSIG follows the thread that forked.

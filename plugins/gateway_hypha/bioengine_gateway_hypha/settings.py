@@ -121,6 +121,23 @@ class HyphaGatewaySettings(BackendSettings):
     direct_ticket_ttl: float = Field(
         900.0, gt=0, description="Seconds a direct-path ticket handed out by Hypha stays valid."
     )
+    direct_max_request_bytes: int = Field(
+        512 * 1024 * 1024,
+        gt=0,
+        description="Largest request body (bytes) on the direct path, and the most its .npz "
+        "arrays may inflate to; larger requests get 413 before they are buffered.",
+    )
+    direct_read_timeout: float = Field(
+        30.0, gt=0, description="Longest pause (s) while a direct-path request body arrives (408)."
+    )
+    direct_body_timeout: float = Field(
+        300.0, gt=0, description="Seconds a whole direct-path request body may take to arrive."
+    )
+    rpc_max_input_bytes: int = Field(
+        512 * 1024 * 1024,
+        gt=0,
+        description="Most bytes of input arrays one Hypha RPC `infer`/`execute` call may carry.",
+    )
 
     @field_validator("server_args")
     @classmethod

@@ -151,6 +151,7 @@ class ToyService(Service):
             ),
         }
         self.calls: list[tuple[str, Any]] = []
+        self.checked: list[tuple[str, dict[str, Any]]] = []
         self.replicas = 1
 
     def _model(self, model_id: str) -> ModelInfo:
@@ -187,6 +188,25 @@ class ToyService(Service):
 
     async def infer_raw(self, model_id, body, headers, *, timeout=None):
         raise NotImplementedError
+
+    def check_inputs(self, model_id, specs):
+        """Ids, dtype float32 and shape [1, 1, y, x] of every input; records each call."""
+        info = self._model(model_id)
+        self.checked.append((model_id, dict(specs)))
+        ids = [t["id"] for t in info.inputs]
+        missing = [i for i in ids if i not in specs]
+        if missing:
+            raise InvalidInputError(f"missing input(s): {', '.join(missing)}")
+        unknown = [k for k in specs if k not in ids]
+        if unknown:
+            raise InvalidInputError(f"unknown input(s): {', '.join(unknown)}")
+        for tid, (shape, dtype) in specs.items():
+            if dtype != "float32":
+                raise InvalidInputError(f"input '{tid}': dtype {dtype}, expected float32")
+            if len(shape) != 4 or tuple(shape[:2]) != (1, 1):
+                raise InvalidInputError(
+                    f"input '{tid}': shape {list(shape)}, expected [1, 1, y, x]"
+                )
 
     async def test_model(self, model_id: str) -> dict[str, Any]:
         out = await self.infer(model_id, [self.test_input] * len(self._model(model_id).inputs))

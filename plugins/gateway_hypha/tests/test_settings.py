@@ -92,3 +92,33 @@ def test_websocket_compression_switch_is_per_context():
         with websocket_compression(True):
             assert "compression" not in conn._ws_connect_kwargs()
     assert "compression" not in conn._ws_connect_kwargs()  # other clients keep the default
+
+
+def test_every_setting_is_in_the_operator_guide():
+    guide = (Path(__file__).resolve().parents[3] / "docs" / "hypha.md").read_text()
+    table = guide.split("## Settings reference", 1)[1].split("\n## ", 1)[0]
+    missing = [
+        name
+        for name in HyphaGatewaySettings.model_fields
+        if name != "kind" and f"`{name}`" not in table
+    ]
+    assert missing == [], f"settings missing from docs/hypha.md's settings reference: {missing}"
+
+
+def test_embedded_server_environment_is_an_allow_list(tmp_path, monkeypatch):
+    from bioengine_gateway_hypha.server import EmbeddedHyphaServer
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("HYPHA_TOKEN", SECRET)  # named by token_env: withheld despite HYPHA_*
+    monkeypatch.setenv("SITE_ADMIN_SECRET", SECRET)
+    monkeypatch.setenv("HYPHA_PUBLIC_BASE_URL", "https://example.org")  # an operator's option
+    monkeypatch.setenv("HYPHA_ROOT_TOKEN", "operator-value-is-replaced")
+    server = EmbeddedHyphaServer(
+        log_path=tmp_path / "log", withhold_env=["HYPHA_TOKEN", "SITE_ADMIN_SECRET"]
+    )
+    env = server.environment()
+    assert SECRET not in env.values()
+    assert env["HYPHA_PUBLIC_BASE_URL"] == "https://example.org"
+    assert env["HYPHA_ROOT_TOKEN"] == server.root_token
+    assert env["BIOENGINE_HYPHA_WS_DEFLATE"] == "false"
+    assert env["PATH"]
