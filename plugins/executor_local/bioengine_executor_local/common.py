@@ -18,6 +18,46 @@ URL_LABEL = "bioengine.url"
 
 SECRET_HINTS = ("SECRET", "TOKEN", "PASSWORD", "KEY", "CREDENTIAL")
 
+REPLICA_ALLOW = ("CUDA_*",)
+"""Engine variables a Triton process inherits besides `childenv.BASE_ALLOW` (CUDA tuning)."""
+
+CONTAINER_CLIENT_ALLOW = (
+    "XDG_RUNTIME_DIR",
+    "XDG_CONFIG_HOME",
+    "XDG_DATA_HOME",
+    "XDG_CACHE_HOME",
+    "DBUS_SESSION_BUS_ADDRESS",
+    "SSH_AUTH_SOCK",
+    "CONTAINERS_*",
+    "CONTAINER_HOST",
+    "CONTAINER_CONNECTION",
+    "CONTAINER_SSHKEY",
+    "CONTAINER_PASSPHRASE",
+    "PODMAN_*",
+    "REGISTRY_AUTH_FILE",
+    "STORAGE_DRIVER",
+    "STORAGE_OPTS",
+    "DOCKER_HOST",
+    "DOCKER_CONFIG",
+    "DOCKER_CONTEXT",
+    "DOCKER_TLS_VERIFY",
+    "DOCKER_CERT_PATH",
+    "DOCKER_API_VERSION",
+    "DOCKER_DEFAULT_PLATFORM",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+)
+"""Engine variables the docker/podman client needs (daemon socket, config, registry auth file,
+proxies for pulls); the container itself gets only what is passed with `--env`."""
+
+APPTAINER_CLIENT_ALLOW = (*CONTAINER_CLIENT_ALLOW, "APPTAINER_*", "SINGULARITY_*")
+"""The apptainer/singularity client's own settings (cache, tmp dir, registry login); with
+`--cleanenv` only APPTAINERENV_*/SINGULARITYENV_* variables enter the container."""
+
 
 def is_secret_name(name: str) -> bool:
     """True for variable names that usually hold credentials (values hidden in previews)."""

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from bioengine_core.childenv import child_env
 from bioengine_core.commands import run_command
 from bioengine_core.contracts import (
     BackendContext,
@@ -30,6 +30,7 @@ from bioengine_core.errors import CommandError, ExecutorError
 from bioengine_core.triton import TritonInstall, is_ready, triton_args
 
 from .common import (
+    CONTAINER_CLIENT_ALLOW,
     DEPLOYMENT_LABEL,
     REPLICA_LABEL,
     URL_LABEL,
@@ -104,8 +105,9 @@ def container_run_command(
 
     Plain variables (settings and spec) are passed as `--env NAME=VALUE`. The repository's
     variables (storage credentials) and secret-looking names are passed as `--env NAME`, which
-    makes the engine copy them from its own environment: their values stay out of `ps` and
-    previews. The returned dict holds those; run the command with them added to os.environ.
+    makes the client copy them from its own environment: their values stay out of `ps` and
+    previews. The returned dict holds those; run the client with `client_env(those)`. The
+    container gets no other variable of the client (podman: `--http-proxy=false`).
     """
     engine = settings.container_engine
     if engine not in ("docker", "podman"):
@@ -124,11 +126,22 @@ def container_run_command(
     secret = {k: v for k, v in env.items() if k in spec.repository.env or is_secret_name(k)}
     for key in sorted(env):
         argv += ["--env", key if key in secret else f"{key}={env[key]}"]
+    if engine == "podman":  # podman copies the client's proxy variables in by default
+        argv.append("--http-proxy=false")
     argv += gpu_flags(engine, settings.gpus, spec.gpus)
     argv += list(settings.container_options)
     argv.append(settings.image)
     argv += _triton_argv(settings, spec, repository, CONTAINER_PORTS, "0.0.0.0")
     return argv, secret
+
+
+def client_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The docker/podman client's environment: what the runtime needs, plus `extra`.
+
+    The engine's own secrets (API tokens, other S3 keys) never reach the client, so `--env NAME`
+    cannot copy them into a container either.
+    """
+    return child_env(extra, allow=CONTAINER_CLIENT_ALLOW)
 
 
 def apptainer_command(
@@ -178,7 +191,7 @@ class ContainerExecutor(Executor):
         return list(self.settings.container_backends)
 
     def _run(self, *args: str, timeout: float | None = 60) -> str:
-        return run_command([self.engine, *args], timeout=timeout)
+        return run_command([self.engine, *args], env=client_env(), timeout=timeout)
 
     def log_path(self, replica_id: str) -> Path:
         """Where the command line, and the container's output after it stopped, are kept."""
@@ -224,7 +237,7 @@ class ContainerExecutor(Executor):
 
     def _launch(self, replica_id: str, argv: list[str], env: dict[str, str], record: dict) -> None:
         try:
-            run_command(argv, env={**os.environ, **env}, timeout=self.settings.start_timeout)
+            run_command(argv, env=client_env(env), timeout=self.settings.start_timeout)
         except CommandError as exc:
             record["error"] = str(exc)
             # a half-created container (run failed after create) must not linger
@@ -375,7 +388,7 @@ class ContainerExecutor(Executor):
         if tail is not None:
             args += ["--tail", str(tail)]
         script = f"exec {shlex.join([*args, container_name(replica_id)])} 2>&1"
-        return run_command(["sh", "-c", script], timeout=30)
+        return run_command(["sh", "-c", script], env=client_env(), timeout=30)
 
     def _save_logs(self, replica_id: str) -> None:
         try:

@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 
+from bioengine_core.childenv import child_env
 from bioengine_core.contracts import (
     BackendContext,
     Executor,
@@ -32,7 +33,9 @@ from bioengine_core.errors import ExecutorError
 from bioengine_core.triton import TritonInstall, find_triton, is_ready, triton_args
 
 from .common import (
+    APPTAINER_CLIENT_ALLOW,
     DEPLOYMENT_LABEL,
+    REPLICA_ALLOW,
     connect_host,
     free_ports,
     is_secret_name,
@@ -56,6 +59,9 @@ def _shown_env(env: dict[str, str], secret: set[str]) -> str:
 
 class ProcessExecutor(Executor):
     """Runs each replica as a local `tritonserver` process (mode = "process")."""
+
+    inherit: tuple[str, ...] = REPLICA_ALLOW
+    """Engine variables (names, patterns) the started process inherits besides the base set."""
 
     def __init__(self, settings: LocalExecutorSettings, context: BackendContext):
         self.settings = settings
@@ -88,7 +94,7 @@ class ProcessExecutor(Executor):
         return {"CUDA_VISIBLE_DEVICES": gpus} if gpus and gpus != "all" else {}
 
     def command(self, spec: ReplicaSpec, ports: dict[str, int]) -> tuple[list[str], dict[str, str]]:
-        """The argv and the environment additions (to os.environ) for one replica."""
+        """The argv and the replica's own variables (added to an allow-listed base, `environ`)."""
         install = self.triton()
         argv = triton_args(
             install,
@@ -108,6 +114,14 @@ class ProcessExecutor(Executor):
             **spec.env,
         }
         return argv, env
+
+    def environ(self, extra: dict[str, str]) -> dict[str, str]:
+        """The started process's whole environment: allow-listed engine variables plus `extra`.
+
+        Nothing else of the engine's environment (API tokens, admin secrets, S3 keys of other
+        components) reaches Triton or its python backend stubs.
+        """
+        return child_env(extra, allow=self.inherit)
 
     def preview(self, spec: ReplicaSpec) -> str:
         """The command line start(spec) runs; ports are examples (free ones are picked at start)."""
@@ -163,7 +177,7 @@ class ProcessExecutor(Executor):
                         stdin=subprocess.DEVNULL,
                         stdout=log,
                         stderr=subprocess.STDOUT,
-                        env={**os.environ, **extra_env},
+                        env=self.environ(extra_env),
                         cwd=self.replica_dir,
                         start_new_session=True,  # survives the engine; killpg reaches children
                     )
@@ -349,6 +363,8 @@ class ApptainerExecutor(ProcessExecutor):
     Apptainer has no daemon and uses the host network, so the container is an ordinary process
     tracked exactly like process mode (pid files, logs, adoption).
     """
+
+    inherit = APPTAINER_CLIENT_ALLOW
 
     def triton_backends(self) -> list[str]:
         """What the configured image provides (setting `container_backends`)."""

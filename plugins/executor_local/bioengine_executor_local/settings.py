@@ -65,7 +65,10 @@ class LocalExecutorSettings(BackendSettings):
         "byte-size=16777216`.",
     )
     env: dict[str, str] = Field(
-        default_factory=dict, description="Extra environment variables for every replica."
+        default_factory=dict,
+        description="Extra environment variables for every replica. A replica inherits no "
+        "other variable of the engine's environment except PATH, HOME, locale, TMPDIR, "
+        "LD_LIBRARY_PATH and the CUDA/GPU ones.",
     )
     address: str = Field(
         "127.0.0.1",

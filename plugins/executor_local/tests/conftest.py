@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 from bioengine_core.contracts import BackendContext, ReplicaSpec, RepositoryLocation
@@ -87,3 +89,52 @@ def identity_model(replica_spec: ReplicaSpec) -> str:
     )
     replica_spec.models = ["ident"]
     return "ident"
+
+
+ENGINE_SECRETS = {
+    "BIOENGINE_ADMIN_TOKEN": "admin-token-4b1d9e",
+    "HYPHA_ADMIN_SECRET": "hypha-secret-9c2f07",
+    "AWS_SECRET_ACCESS_KEY": "engine-s3-secret-77e1a3",
+}
+"""Secret-looking variables of the engine that no replica needs (not in any replica env)."""
+
+
+@pytest.fixture
+def engine_secrets(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Put ENGINE_SECRETS into this process's environment (the engine's, for the executor)."""
+    for key, value in ENGINE_SECRETS.items():
+        monkeypatch.setenv(key, value)
+    return dict(ENGINE_SECRETS)
+
+
+def environ_of(pid: int) -> tuple[bytes, dict[str, str]]:
+    """The environment process `pid` started with: raw /proc/PID/environ and parsed."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
+    return raw, {k.decode(errors="replace"): v.decode(errors="replace") for k, _, v in pairs}
+
+
+@pytest.fixture
+def check_replica_environ() -> Callable[..., list[psutil.Process]]:
+    """`check(server_pid, secrets, expected)`: tritonserver and its python backend stubs carry
+    none of the secret values and every expected variable; returns the processes checked."""
+
+    def check(
+        server_pid: int, secrets: dict[str, str], expected: dict[str, str]
+    ) -> list[psutil.Process]:
+        server = psutil.Process(server_pid)
+        stubs = [
+            p
+            for p in server.children(recursive=True)
+            if "triton_python_backend_stub" in " ".join([p.name(), *p.cmdline()[:1]])
+        ]
+        assert stubs, "a python-backend model runs in a triton_python_backend_stub process"
+        for proc in [server, *stubs]:
+            raw, env = environ_of(proc.pid)
+            for name, value in secrets.items():
+                assert value.encode() not in raw, f"{name} reached {proc.name()} ({proc.pid})"
+            missing = {k: v for k, v in expected.items() if env.get(k) != v}
+            assert not missing, f"{proc.name()} ({proc.pid}) lacks {missing}"
+        return [server, *stubs]
+
+    return check

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,7 @@ def test_docker_run_command():
         "--metrics-address=0.0.0.0", "--metrics-port=8002",
         *TRITON_TAIL,
     ]  # fmt: skip
-    assert env == {}  # nothing secret: the client runs with an unchanged environment
+    assert env == {}  # nothing secret: the client runs with client_env() alone
 
 
 @pytest.mark.parametrize(
@@ -100,7 +101,8 @@ def test_docker_gpu_flags(gpus, count, flags):
     ],
 )
 def test_podman_cdi_gpu_flags(gpus, count, flags):
-    """podman: CDI devices `nvidia.com/gpu=...`, then the operator's options, then the image."""
+    """podman: no proxy variables copied in, CDI devices `nvidia.com/gpu=...`, the operator's
+    options, then the image."""
     opts = ["--runtime", "runc"]
     argv, _ = container_run_command(
         settings("podman", gpus=gpus, container_options=opts), spec(count), "r", PORTS
@@ -108,7 +110,7 @@ def test_podman_cdi_gpu_flags(gpus, count, flags):
     assert argv[:5] == ["podman", "run", "--detach", "--name", "bioengine-r"]
     image = argv.index("triton:1")
     start = argv.index("OMP_NUM_THREADS=2") + 1
-    assert argv[start:image] == flags + opts
+    assert argv[start:image] == ["--http-proxy=false"] + flags + opts
 
 
 def test_s3_repository_is_passed_by_uri_and_secrets_stay_off_the_command_line():
@@ -197,3 +199,25 @@ def test_secret_looking_settings_env_is_passed_by_name():
     )
     assert "t0k" not in " ".join(argv) and argv[argv.index("HF_TOKEN") - 1] == "--env"
     assert env == {"HF_TOKEN": "t0k"}
+
+
+def test_container_client_env_is_what_the_runtime_reads(engine_secrets, monkeypatch):
+    """The docker/podman client keeps its socket, config and auth-file settings plus what it must
+    copy into the container (`--env NAME`), and none of the engine's secrets."""
+    from bioengine_executor_local.container import client_env
+
+    runtime = {
+        "DOCKER_HOST": "unix:///run/user/1000/docker.sock",
+        "DOCKER_CONFIG": "/etc/bioengine/docker",
+        "XDG_RUNTIME_DIR": "/run/user/1000",
+        "CONTAINERS_CONF": "/etc/bioengine/containers.conf",
+        "REGISTRY_AUTH_FILE": "/etc/bioengine/auth.json",
+    }
+    for key, value in runtime.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DOCKER_PASSWORD", "ci-registry-password")
+    env = client_env({"AWS_SECRET_ACCESS_KEY": "repository-key"})
+    assert runtime.items() <= env.items() and env["PATH"] == os.environ["PATH"]
+    assert env["AWS_SECRET_ACCESS_KEY"] == "repository-key"  # the storage's, passed by name
+    assert "BIOENGINE_ADMIN_TOKEN" not in env and "HYPHA_ADMIN_SECRET" not in env
+    assert "DOCKER_PASSWORD" not in env

@@ -8,9 +8,12 @@ or the image; in CI (CI=true) they fail instead.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,3 +133,69 @@ def test_python_backend_model_serves_from_container(
     assert time.monotonic() - t0 < 60, "podman stop had to SIGKILL (grace ran out)"
     client.close()
     assert ex.status(replica.replica_id).state is ReplicaState.STOPPED
+
+
+@pytest.mark.podman
+def test_container_and_its_stubs_get_no_engine_secrets(
+    podman,
+    remove_containers,
+    tmp_path,
+    monkeypatch,
+    context,
+    replica_spec,
+    identity_model,
+    engine_secrets,
+    check_replica_environ,
+):
+    """Every podman client call, the containerised tritonserver and its python backend stubs
+    (read from /proc/PID/environ on the host) carry none of the engine's secrets. The client
+    gets what podman reads (PODMAN_*, proxies); the container only `[executor] env`, the
+    repository's variables (`--env NAME`) and the spec's, not the client's proxy settings."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    client_log = tmp_path / "podman-client-env.log"
+    real_podman = shutil.which("podman")
+    wrapper = bin_dir / "podman"  # records each client call's environment, then runs podman
+    wrapper.write_text(
+        f"#!/bin/sh\n{{ echo '--- podman'; env; }} >> {client_log}\nexec {real_podman} \"$@\"\n"
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("PODMAN_IGNORE_CGROUPSV1_WARNING", "1")
+    monkeypatch.setenv("http_proxy", "http://proxy-user:proxy-pass@127.0.0.1:9")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    replica_spec.repository.env = {"AWS_ACCESS_KEY_ID": "repo-key-id"}
+    replica_spec.env = {"BIOENGINE_TEST_SPEC": "from-spec"}
+    env = {**podman_settings().env, "BIOENGINE_TEST_CFG": "from-config"}
+    ex = ContainerExecutor(podman_settings(env=env), context)
+    replica = ex.start(replica_spec)
+    deadline = time.monotonic() + 90
+    status = ex.status(replica.replica_id)
+    while status.state is not ReplicaState.READY and time.monotonic() < deadline:
+        assert status.state.alive, status.message
+        time.sleep(0.3)
+        status = ex.status(replica.replica_id)
+    assert status.state is ReplicaState.READY, ex.logs(replica.replica_id)
+    pid = int(
+        subprocess.run(
+            [real_podman, "inspect", "--format", "{{.State.Pid}}", status.details["container"]],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    expected = {
+        "AWS_ACCESS_KEY_ID": "repo-key-id",
+        "BIOENGINE_TEST_SPEC": "from-spec",
+        "BIOENGINE_TEST_CFG": "from-config",
+    }
+    for proc in check_replica_environ(pid, engine_secrets, expected):
+        raw = Path(f"/proc/{proc.pid}/environ").read_bytes()
+        assert b"proxy-pass" not in raw and b"PODMAN_IGNORE" not in raw, proc
+    ex.stop(replica.replica_id, grace=30)
+    calls = client_log.read_text()
+    assert calls.count("--- podman") >= 3  # run, inspect, stop, logs, rm
+    for key, value in engine_secrets.items():
+        assert value not in calls, f"{key} reached the podman client"
+    assert "AWS_ACCESS_KEY_ID=repo-key-id" in calls  # `--env NAME` copies it from the client
+    assert "PODMAN_IGNORE_CGROUPSV1_WARNING=1" in calls and "proxy-pass" in calls

@@ -94,7 +94,7 @@ def test_stop_escalates_to_sigkill_after_grace(tmp_path, context, replica_spec):
 
 
 def test_replica_environment_is_merged(tmp_path, context, replica_spec):
-    """The replica sees os.environ, settings.env, the repository's env and the spec's env."""
+    """The replica sees settings.env, the repository's env and the spec's env."""
     binary = fake_triton(tmp_path, 'echo "A=$A B=$B C=$C LD=$LD_LIBRARY_PATH"\nsleep 30\n')
     replica_spec.env = {"A": "from-spec"}
     replica_spec.repository.env = {"B": "from-repository"}
@@ -105,6 +105,82 @@ def test_replica_environment_is_merged(tmp_path, context, replica_spec):
         assert "A=from-spec B=from-repository C=cfg" in text
     finally:
         ex.stop(replica.replica_id, grace=1)
+
+
+def test_replica_environment_is_an_allow_list(
+    tmp_path, context, replica_spec, engine_secrets, monkeypatch
+):
+    """The engine's secrets stay out of a replica; PATH, CUDA settings and its own env get in."""
+    binary = fake_triton(tmp_path, "env\nsleep 30\n")
+    monkeypatch.setenv("CUDA_MODULE_LOADING", "LAZY")
+    replica_spec.repository.env = {"AWS_ACCESS_KEY_ID": "repo-key-id"}
+    ex = ProcessExecutor(LocalExecutorSettings(triton_binary=binary, env={"C": "cfg"}), context)
+    replica = ex.start(replica_spec)
+    try:
+        text = wait_for(lambda: "AWS_ACCESS_KEY_ID=" in (t := ex.logs(replica.replica_id)) and t)
+        assert "AWS_ACCESS_KEY_ID=repo-key-id" in text and "C=cfg" in text
+        assert f"PATH={os.environ['PATH']}" in text and "CUDA_MODULE_LOADING=LAZY" in text
+        for value in engine_secrets.values():
+            assert value not in text
+    finally:
+        ex.stop(replica.replica_id, grace=1)
+
+
+def test_apptainer_client_gets_its_settings_and_the_replica_env_only(
+    tmp_path, context, replica_spec, engine_secrets, monkeypatch
+):
+    """apptainer runs with its own APPTAINER_* settings and APPTAINERENV_* for the container;
+    the engine's secrets and its own APPTAINERENV_* variables are not passed on."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").write_text("#!/bin/sh\nenv\nsleep 30\n")
+    (bin_dir / "apptainer").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("APPTAINER_CACHEDIR", "/scratch/apptainer-cache")
+    monkeypatch.setenv("APPTAINERENV_LEAK", "engine-apptainerenv")
+    replica_spec.repository.env = {"AWS_ACCESS_KEY_ID": "repo-key-id"}
+    settings = LocalExecutorSettings(
+        mode="container", container_engine="apptainer", image="t.sif", env={"C": "cfg"}
+    )
+    ex = make_executor(settings=settings, context=context)
+    replica = ex.start(replica_spec)
+    try:
+        text = wait_for(lambda: "APPTAINERENV_" in (t := ex.logs(replica.replica_id)) and t)
+        assert "APPTAINERENV_AWS_ACCESS_KEY_ID=repo-key-id" in text
+        assert "APPTAINERENV_C=cfg" in text
+        assert "APPTAINER_CACHEDIR=/scratch/apptainer-cache" in text
+        assert "engine-apptainerenv" not in text
+        for value in engine_secrets.values():
+            assert value not in text
+    finally:
+        ex.stop(replica.replica_id, grace=1)
+
+
+def test_real_replica_and_its_stubs_get_no_engine_secrets(
+    triton, context, replica_spec, identity_model, engine_secrets, check_replica_environ
+):
+    """tritonserver and its python backend stubs (read from /proc/PID/environ) carry none of the
+    engine's secrets, but the variables of `[executor] env`, the repository and the spec."""
+    replica_spec.repository.env = {"AWS_ACCESS_KEY_ID": "repo-key-id"}
+    replica_spec.env = {"BIOENGINE_TEST_SPEC": "from-spec"}
+    settings = LocalExecutorSettings(env={"BIOENGINE_TEST_CFG": "from-config"})
+    ex = ProcessExecutor(settings, context)
+    replica = ex.start(replica_spec)
+    try:
+        status = wait_for(
+            lambda: (s := ex.status(replica.replica_id)).state is ReplicaState.READY and s,
+            timeout=90,
+        )
+        assert status, ex.logs(replica.replica_id)
+        expected = {
+            "AWS_ACCESS_KEY_ID": "repo-key-id",
+            "BIOENGINE_TEST_SPEC": "from-spec",
+            "BIOENGINE_TEST_CFG": "from-config",
+        }
+        checked = check_replica_environ(status.details["pid"], engine_secrets, expected)
+        assert len(checked) >= 2
+    finally:
+        ex.stop(replica.replica_id, grace=5)
 
 
 def test_recycled_pid_is_not_mistaken_for_a_replica(context, replica_spec):

@@ -26,7 +26,7 @@ from bioengine_core.contracts import (
 from bioengine_core.errors import CommandError, ExecutorError
 from bioengine_core.triton import find_triton, is_ready
 
-from .script import ScriptPaths, job_name, parse_comment, render_script
+from .script import ScriptPaths, job_name, parse_comment, render_script, replica_env
 from .settings import SlurmSettings
 from .slurm import END_MESSAGES, Job, SlurmCLI, explain_reason, sbatch_hint
 
@@ -134,9 +134,9 @@ class SlurmExecutor(Executor):
             self._pruned = True
             self.paths.prune()
         script = self.preview(spec)
-        env = {**spec.repository.env, **spec.env}
+        env = replica_env(self.settings, spec)
         try:
-            job_id = self.cli.submit(script, env=env)
+            job_id = self.cli.submit(script, env=env, allow=tuple(self.settings.pass_env))
         except CommandError as exc:
             hint = sbatch_hint(exc.stderr)
             detail = (exc.stderr or exc.stdout).strip()

@@ -5,7 +5,8 @@
 Writes `DIR/<job id>.json` atomically once `/v2/health/ready` answers (host, ports, url), removes
 it when Triton exits and then writes `DIR/<job id>.exit.json` (exit code and why). SIGTERM and
 SIGINT (scancel, the time limit) are forwarded to tritonserver; the launcher exits with
-tritonserver's exit code, so a crash shows as a FAILED job.
+tritonserver's exit code, so a crash shows as a FAILED job. Triton (or its container runtime)
+gets an allow-listed environment plus the variables named by `--pass-env`, nothing else of the job.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ import threading
 import time
 from pathlib import Path
 
+from bioengine_core.childenv import child_env
 from bioengine_core.errors import ExecutorError
 from bioengine_core.triton import TritonInstall, find_triton, is_ready, triton_args
+
+from .jobenv import RUNTIME_ALLOW, TRITON_ALLOW, matching
 
 
 def log(message: str) -> None:
@@ -56,14 +60,19 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def build_command(args: argparse.Namespace, ports: list[int]) -> tuple[list[str], dict[str, str]]:
-    """tritonserver's command line (directly or through a container runtime) and environment."""
+    """tritonserver's command line (directly or through a container runtime) and environment.
+
+    The environment is `child_env`'s allow-list plus the `--pass-env` variables of the job: the
+    rest of the job's environment (whatever sbatch, a prolog or a login shell put there) stays out.
+    """
     http, grpc, metrics = ports
-    env = dict(os.environ)
+    passed = matching(os.environ, args.pass_env)
     if args.container == "none":
         install = find_triton(args.triton_binary)
-        env.update(install.env)
+        env = child_env({**install.env, **passed}, allow=TRITON_ALLOW)
     else:
         install = TritonInstall(binary=Path(args.container_triton))
+        env = runtime_env(passed if args.container in ("podman", "docker") else {})
     extra = list(args.triton_arg)
     if args.exit_timeout is not None:
         extra.insert(0, f"--exit-timeout-secs={args.exit_timeout}")
@@ -84,23 +93,29 @@ def build_command(args: argparse.Namespace, ports: list[int]) -> tuple[list[str]
             prefix.append("--nv")
         for path in args.bind:
             prefix += ["--bind", f"{path}:{path}:ro"]
-        for name in args.pass_env:
-            if name in env:
-                env[f"APPTAINERENV_{name}"] = env[name]
-                env[f"SINGULARITYENV_{name}"] = env[name]
+        for name, value in sorted(passed.items()):
+            env[f"APPTAINERENV_{name}"] = value
+            env[f"SINGULARITYENV_{name}"] = value
         cmd = prefix + list(args.container_option) + [args.image] + cmd
     elif args.container in ("podman", "docker"):
         prefix = [args.container, "run", "--rm", "--network=host", f"--name={container_name(args)}"]
+        if args.container == "podman":
+            prefix.append("--http-proxy=false")  # podman copies the client's proxy variables in
         if args.gpus:
             prefix.append(
                 "--gpus=all" if args.container == "docker" else "--device=nvidia.com/gpu=all"
             )
         for path in args.bind:
             prefix += ["--volume", f"{path}:{path}:ro"]
-        for name in args.pass_env:
-            prefix += ["--env", name]
+        for name in sorted(passed):
+            prefix += ["--env", name]  # the value comes from the client's environment
         cmd = prefix + list(args.container_option) + [args.image] + cmd
     return cmd, env
+
+
+def runtime_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The container runtime client's environment: its own settings plus `extra`."""
+    return child_env(extra, allow=RUNTIME_ALLOW)
 
 
 def container_name(args: argparse.Namespace) -> str:
@@ -114,6 +129,7 @@ def stop_container(args: argparse.Namespace) -> None:
     try:
         subprocess.run(
             [args.container, "stop", f"--time={grace}", container_name(args)],
+            env=runtime_env(),
             capture_output=True,
             timeout=grace + 30,
         )
@@ -128,6 +144,7 @@ def remove_container(args: argparse.Namespace) -> None:
     try:
         subprocess.run(
             [args.container, "rm", "--force", container_name(args)],
+            env=runtime_env(),
             capture_output=True,
             timeout=60,
         )

@@ -107,6 +107,18 @@ def gpu_option(settings: SlurmSettings, gpus: int) -> str:
     return f"--gres=gpu:{typed}"
 
 
+def replica_env(settings: SlurmSettings, spec: ReplicaSpec) -> dict[str, str]:
+    """The replica's own variables (settings, the repository's credentials, the spec's): they
+    travel in sbatch's environment, never in the script."""
+    return {**settings.env, **spec.repository.env, **spec.env}
+
+
+def passed_names(settings: SlurmSettings, spec: ReplicaSpec) -> list[str]:
+    """Names and patterns the launcher passes from the job's environment to tritonserver."""
+    names = sorted(replica_env(settings, spec))
+    return names + [p for p in settings.pass_env if p not in names]
+
+
 def launch_command(
     settings: SlurmSettings, spec: ReplicaSpec, paths: ScriptPaths, gpus: int
 ) -> list[str]:
@@ -141,8 +153,8 @@ def launch_command(
             opt("--container-option", option)
         if spec.repository.local_path is not None:
             opt("--bind", spec.repository.local_path)
-        for name in sorted({**spec.repository.env, **spec.env}):
-            opt("--pass-env", name)
+    for name in passed_names(settings, spec):
+        opt("--pass-env", name)
     if gpus:
         opt("--gpus", gpus)
     for arg in settings.triton_args:
@@ -193,7 +205,7 @@ def render_script(
             gpus=gpus,
             gpu_option=gpu_option(settings, gpus),
             extra_sbatch=extra,
-            env_names=sorted({**spec.repository.env, **spec.env}),
+            env_names=sorted(replica_env(settings, spec)),
             launch=launch_command(settings, spec, paths, gpus),
             endpoint_dir=paths.endpoints,
             template_name=label,

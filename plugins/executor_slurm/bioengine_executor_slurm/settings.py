@@ -45,7 +45,8 @@ class SlurmSettings(BackendSettings):
     )
     setup: list[str] = Field(
         default_factory=list,
-        description="Shell lines run before Triton starts (`module load cuda/12`, `export X=1`).",
+        description="Shell lines run before Triton starts (`module load cuda/12`, `export X=1`); "
+        "a variable they export reaches Triton when `pass_env` names it.",
     )
 
     # --- what runs in the job
@@ -80,6 +81,17 @@ class SlurmSettings(BackendSettings):
     )
     triton_args: list[str] = Field(
         default_factory=list, description="Extra tritonserver arguments."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment variables for every replica (passed in sbatch's "
+        "environment, never written into the batch script).",
+    )
+    pass_env: list[str] = Field(
+        default_factory=list,
+        description="Names or patterns (`MY_*`) of further variables that reach a replica: "
+        "from `serve`'s environment into the job, and from the job (e.g. set by `setup` "
+        "lines or modules) into tritonserver. Others are not passed on.",
     )
     exit_timeout: int = Field(
         3,
@@ -152,6 +164,14 @@ class SlurmSettings(BackendSettings):
         for line in value:
             if "\n" in line:
                 raise ValueError("one line per entry (no newlines)")
+        return value
+
+    @field_validator("pass_env")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or any(c in name for c in "=, \t\n"):
+                raise ValueError(f"{name!r}: expected a variable name or pattern such as MY_*")
         return value
 
     @model_validator(mode="after")

@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from bioengine_core.childenv import child_env
 from bioengine_core.commands import run_command
 from bioengine_core.errors import CommandError, ExecutorError
+
+from .jobenv import JOB_ALLOW, SBATCH_ALLOW, SLURM_CLIENT_ALLOW
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +241,18 @@ def submission_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
 
 
+def job_environment(
+    environ: Mapping[str, str],
+    extra: Mapping[str, str] | None = None,
+    *,
+    allow: tuple[str, ...] = (),
+) -> dict[str, str]:
+    """sbatch's environment, which becomes the job's: allow-listed variables of `environ`
+    (PATH, locale, modules, container runtime settings, `allow`) plus `extra` (the replica's
+    own variables, e.g. S3 credentials); never the SLURM_* variables of an enclosing job."""
+    return child_env(extra, allow=(*SBATCH_ALLOW, *JOB_ALLOW, *allow), base=submission_env(environ))
+
+
 class SlurmCLI:
     """sbatch/squeue/sacct/scancel with retries of transient controller errors."""
 
@@ -262,7 +277,13 @@ class SlurmCLI:
     def run(
         self, cmd: list[str], *, input: str | None = None, env: Mapping[str, str] | None = None
     ) -> str:
-        """Run a Slurm command with the retry policy; CommandError on failure."""
+        """Run a Slurm command with the retry policy; CommandError on failure.
+
+        Without `env` the command gets only the base variables and SLURM_CONF: no secret of the
+        engine, and no SQUEUE_*/SLURM_TIME_FORMAT defaults that would change what it prints.
+        """
+        if env is None:
+            env = child_env(allow=SLURM_CLIENT_ALLOW, base=submission_env(os.environ))
         return run_command(
             cmd,
             input=input,
@@ -274,11 +295,19 @@ class SlurmCLI:
         )
 
     # ------------------------------------------------------------------ submit / cancel
-    def submit(self, script: str, *, env: Mapping[str, str] | None = None) -> str:
-        """Submit a batch script on stdin with `sbatch --parsable`; returns the job id."""
-        full_env = submission_env(os.environ)
-        full_env.update(env or {})
-        out = self.run(["sbatch", "--parsable"], input=script, env=full_env)
+    def submit(
+        self, script: str, *, env: Mapping[str, str] | None = None, allow: tuple[str, ...] = ()
+    ) -> str:
+        """Submit a batch script on stdin with `sbatch --parsable`; returns the job id.
+
+        The job's environment is exactly sbatch's (`--export=ALL`), and sbatch gets only the
+        variables a job needs (`job_environment`) plus `env`: no other variable of `serve`.
+        """
+        out = self.run(
+            ["sbatch", "--parsable", "--export=ALL"],
+            input=script,
+            env=job_environment(os.environ, env, allow=allow),
+        )
         line = out.strip().splitlines()[-1] if out.strip() else ""
         job_id = line.split(";")[0].strip()
         if not job_id.isdigit():

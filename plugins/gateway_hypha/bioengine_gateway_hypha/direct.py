@@ -162,8 +162,14 @@ class DirectServer:
         app = web.Application(client_max_size=self.limits.max_request_bytes)
         app.router.add_post("/v1/infer/{model_id}", self._handle, expect_handler=self._expect)
         app.router.add_get("/health", self._health)
+        # keepalive_timeout runs from the moment a connection opens (aiohttp >= 3.10): a
+        # client that never completes its request headers is closed after it
         self._runner = web.AppRunner(
-            app, access_log=None, auto_decompress=False, lingering_time=5.0
+            app,
+            access_log=None,
+            auto_decompress=False,
+            lingering_time=5.0,
+            keepalive_timeout=self.limits.read_timeout,
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)

@@ -526,3 +526,30 @@ async def test_embedded_server_does_not_inherit_secrets(backend_context, toy_ser
     assert env["HYPHA_LOGLEVEL"] == "ERROR"
     assert env["PATH"] == os.environ["PATH"]
     assert gw.embedded.root_token not in " ".join(gw.embedded.command())
+
+
+async def test_slow_or_idle_headers_are_closed(direct):
+    """A connection that never completes its headers is closed after direct_read_timeout."""
+    _, _, port = direct
+    assert await headers_trickle_closed_within(port, 6.0)
+
+
+async def headers_trickle_closed_within(port: int, limit: float) -> bool:
+    """Trickle header bytes that never end; True once the server closed within `limit` s."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = time.monotonic()
+    writer.write(b"POST /v1/infer/double HTTP/1.1\r\nHost: x\r\n")
+    try:
+        while time.monotonic() - started < limit:
+            writer.write(b"X")
+            await writer.drain()
+            try:
+                await asyncio.wait_for(reader.read(1024), 0.2)
+                return True  # EOF or an error answer: the server gave up on us
+            except TimeoutError:
+                continue
+    except ConnectionError:
+        return True
+    finally:
+        writer.close()
+    return False
