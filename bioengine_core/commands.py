@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import sh
 
+from .childenv import child_env
 from .errors import CommandError
 
 log = logging.getLogger(__name__)
@@ -22,11 +23,14 @@ def run_command(
     retries: int = 0,
     retry_delay: float = 1.0,
     retry_if: tuple[str, ...] = (),
+    allow_env: Iterable[str] = (),
 ) -> str:
     """Run `cmd` and return its stdout; raise CommandError with command, exit code and stderr.
 
     `retries` re-runs the command when its stderr contains one of `retry_if` (transient errors
     such as a scheduler's "Socket timed out"), waiting `retry_delay` seconds between tries.
+    The command gets `env` if given, else the allow-listed environment of `child_env` plus the
+    variables (names or patterns) in `allow_env`: the engine's secrets never reach it.
     """
     if not cmd:
         raise ValueError("empty command")
@@ -39,8 +43,7 @@ def run_command(
         kwargs: dict = {"_timeout": timeout}
         if input is not None:
             kwargs["_in"] = input
-        if env is not None:
-            kwargs["_env"] = dict(env)
+        kwargs["_env"] = dict(env) if env is not None else child_env(allow=allow_env)
         try:
             out = program(*cmd[1:], **kwargs)
             return str(out)

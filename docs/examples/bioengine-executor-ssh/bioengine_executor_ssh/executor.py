@@ -23,6 +23,9 @@ from .settings import SshSettings
 DEPLOYMENT_LABEL = "bioengine.deployment"
 REMOTE_SOURCE = Path(__file__).with_name("remote.py").read_text()
 
+SSH_ENV = ("SSH_AUTH_SOCK",)
+"""What ssh needs of the engine's environment besides the core's allow-list (an agent)."""
+
 
 class SshExecutor(Executor):
     """Starts, inspects and stops Triton replicas on `settings.host` through ssh."""
@@ -48,7 +51,9 @@ class SshExecutor(Executor):
         request = json.dumps({"op": op, "state_dir": self.settings.state_dir, **args})
         program = f"{REMOTE_SOURCE}\nmain({request!r})\n"
         python = shlex.quote(self.settings.python)
-        out = run_command([*self._ssh(), f"{python} -"], input=program, timeout=timeout)
+        out = run_command(
+            [*self._ssh(), f"{python} -"], input=program, timeout=timeout, allow_env=SSH_ENV
+        )
         try:
             return json.loads(out.strip().splitlines()[-1])["result"]
         except (IndexError, KeyError, ValueError) as exc:
@@ -120,7 +125,9 @@ class SshExecutor(Executor):
     def logs(self, replica_id: str, *, tail: int = 200) -> str:
         """`tail` of the replica's remote log file ("" if there is none)."""
         log = self._remote_path(f"{replica_id}.log")
-        return run_command([*self._ssh(), f"tail -n {int(tail)} {log} 2>/dev/null || true"])
+        return run_command(
+            [*self._ssh(), f"tail -n {int(tail)} {log} 2>/dev/null || true"], allow_env=SSH_ENV
+        )
 
     def list(self, deployment: str) -> list[ReplicaStatus]:
         """Alive replicas whose metadata carries `deployment`, whoever started them."""
