@@ -32,6 +32,7 @@ STALL = 2.0  # [engine] stall_timeout in the config below
 PROBE = 1.0  # [engine] probe_timeout
 BUDGET = 512 << 20
 MAX_BODY = 256 << 20
+MAX_CONNECTIONS = 40
 
 pytestmark = pytest.mark.triton
 
@@ -88,7 +89,8 @@ def served(tmp_path_factory):
         replicas=2,
         name="e2e-faults",
         gateway=f"max_request_bytes = {MAX_BODY}\nbody_memory_budget = {BUDGET}\n"
-        "budget_wait = 2\nbody_timeout = 30\n",
+        "budget_wait = 2\nbody_timeout = 30\nheader_timeout = 3\n"
+        f"max_connections = {MAX_CONNECTIONS}\n",
     )
     cfg.write_text(
         cfg.read_text().replace(
@@ -266,3 +268,43 @@ def test_big_bodies_and_gzip_bomb_stay_within_the_budget(served):
     assert peak - base < BUDGET + margin, (base >> 20, peak >> 20)
     assert ok and all(ok), f"{ok.count(False)} of {len(ok)} ordinary requests failed"
     assert os.path.exists(f"/proc/{pid}")
+
+
+def test_idle_and_trickling_connections_are_closed_and_counted(served):
+    import socket
+
+    _, port, _ = served
+    # beyond max_connections: 503 and closed at once
+    idle = [
+        socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(MAX_CONNECTIONS)
+    ]
+    try:
+        time.sleep(0.5)
+        extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+        answer = extra.recv(4096)
+        extra.close()
+        assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After" in answer, answer[:200]
+    finally:
+        for sock in idle:
+            sock.close()
+    # headers trickled one byte at a time and never finished: closed after header_timeout (3 s)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.settimeout(0.3)
+    started = time.monotonic()
+    sock.sendall(b"POST /v2/models/unet2d_nuclei_broad/infer HTTP/1.1\r\nHost: x\r\n")
+    closed_after = None
+    while time.monotonic() - started < 15:
+        try:
+            sock.sendall(b"X")
+            if sock.recv(4096) == b"":
+                closed_after = time.monotonic() - started
+                break
+        except TimeoutError:
+            continue
+        except OSError:
+            closed_after = time.monotonic() - started
+            break
+    sock.close()
+    assert closed_after is not None and closed_after < 3 + 3, closed_after
+    # idle connections went away with the same timeout; ordinary requests still work
+    np.testing.assert_allclose(infer(port), Y, atol=1e-4, rtol=1e-4)
