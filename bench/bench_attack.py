@@ -26,15 +26,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_local import TINY, UNET, make_request, measure, merge, start_serve, status  # noqa: E402
 
 
-def attacker(url: str, model: str, x: np.ndarray, name: str, stop, counts, control: bool):
-    """Loop requests with a 1 ms deadline (or, as a control, health probes) until `stop`."""
+def attacker(
+    url: str, model: str, x: np.ndarray, name: str, rate: float, stop, counts, control: bool
+):
+    """Loop requests with a 1 ms deadline (or, as a control, health probes) until `stop`,
+    at most `rate` per second (0: as fast as it can)."""
     import tritonclient.http as tc
     from tritonclient.utils import InferenceServerException
 
     client = tc.InferenceServerClient(url.split("://")[1], network_timeout=60)
     inp = tc.InferInput(name, list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=True)
+    gap = 1.0 / rate if rate else 0.0
+    next_at = time.monotonic()
     while not stop.is_set():
+        if gap:
+            next_at += gap
+            time.sleep(max(0.0, next_at - time.monotonic()))
         if control:
             client.is_server_live()
             counts["control"] = counts.get("control", 0) + 1
@@ -67,6 +75,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="attacker requests per second (0: unbounded)"
+    )
     args = parser.parse_args()
     cases = {
         "unet2d 512x512": (
@@ -87,7 +98,7 @@ def main() -> None:
                 seen: Counter = Counter()
                 for _ in range(args.rounds):
                     alone.append(measure(url, send, 1, n))
-                    attack = (url, model, x, iname)
+                    attack = (url, model, x, iname, args.rate)
                     got = under(url, send, n, attack, control=False)
                     seen.update(got.pop("attacker"))
                     attacked.append(got)
