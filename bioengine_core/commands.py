@@ -1,10 +1,14 @@
-"""The one helper through which every external command runs, so failures carry command, code and stderr."""
+"""The helpers through which every external command runs: `run_command` for commands that end
+(failures carry command, exit code and stderr), `start_process` for long-lived servers."""
 
 from __future__ import annotations
 
 import logging
+import shlex
+import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import sh
 
@@ -60,3 +64,40 @@ def run_command(
             raise error
         log.warning("transient failure, retrying (%d/%d): %s", attempt, retries, error)
         time.sleep(retry_delay)
+
+
+def start_process(
+    argv: Sequence[str],
+    *,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    allow_env: Iterable[str] = (),
+    cwd: Path | None = None,
+    new_session: bool = True,
+) -> subprocess.Popen:
+    """Start a long-lived process (a server) that writes to `log_path`, and return at once.
+
+    Its environment is `child_env(env, allow=allow_env)`: the allow-list plus what it needs.
+    `new_session` puts it in a session of its own, so it outlives the engine (a replica that a
+    restarted `serve` adopts) and `os.killpg(pid, ...)` reaches its children. ExecutorError
+    when it cannot be started; its command line is the log's first line.
+    """
+    from .errors import ExecutorError
+
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        log_file.write(f"# bioengine: {shlex.join(argv)}\n".encode())
+        log_file.flush()
+        try:
+            return subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=child_env(env, allow=allow_env),
+                cwd=cwd,
+                start_new_session=new_session,
+            )
+        except OSError as exc:
+            raise ExecutorError(f"cannot start {argv[0]}: {exc}") from exc

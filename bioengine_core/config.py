@@ -20,10 +20,9 @@ from .contracts import BackendContext, BackendSettings, BackendType, ReplicaSpec
 from .errors import ConfigError
 from .plugins import PluginManager
 from .sources import split_ref
+from .util import DEPLOYMENT_LABEL
 
 ENV_PREFIX = "BIOENGINE_"
-DEPLOYMENT_LABEL = "bioengine.deployment"
-"""Label key every replica carries with its deployment name (adoption after restarts)."""
 
 
 class EngineSettings(BaseModel):
@@ -148,7 +147,9 @@ class SiteConfig:
             progress=progress,
         )
 
-    def replica_spec(self, location: RepositoryLocation, models: list[str]) -> ReplicaSpec:
+    def replica_spec(
+        self, location: RepositoryLocation, models: list[str], *, gpus: int = 0
+    ) -> ReplicaSpec:
         """What every replica of this deployment runs (also what plugin previews show)."""
         return ReplicaSpec(
             deployment=self.engine.name,
@@ -156,6 +157,7 @@ class SiteConfig:
             models=sorted(models),
             labels={DEPLOYMENT_LABEL: self.engine.name},
             env=dict(location.env),
+            gpus=gpus,
         )
 
     def redacted(self) -> dict[str, Any]:

@@ -1,12 +1,13 @@
 """Public contracts for plugin authors: backend records, settings base, and the abstract backends.
 
 Hooks *register* backends by returning the records defined here; the backends themselves are
-classes implementing the small abstract interfaces below. Plugins import only this module,
-`hookspecs`, `errors`, `commands`, `health` and `testing` from the core.
+classes implementing the small abstract interfaces below. Plugins import only this module and
+`hookspecs`, `errors`, `commands`, `childenv`, `util`, `site` and `testing` from the core.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import time
@@ -46,6 +47,20 @@ class BackendContext:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("bioengine"))
     progress: Callable[[str], None] | None = None
     """Shows a line to the operator (uploads, syncs, queue waits); None when nobody watches."""
+    backend: str = ""
+    """`family.kind` of the backend this context was made for (e.g. `executor.slurm`)."""
+
+    @property
+    def backend_dir(self) -> Path:
+        """A directory of this backend's own below `state_dir` (created on first use), so two
+        backends never collide over file names."""
+        path = self.state_dir / "backends" / (self.backend or "shared")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def for_backend(self, family: str, kind: str) -> BackendContext:
+        """A copy of this context for the backend `family.kind`."""
+        return dataclasses.replace(self, backend=f"{family}.{kind}")
 
     def resolve_path(self, value: str | Path) -> Path:
         """Expand `~` and make `value` absolute relative to the config's directory."""
@@ -142,7 +157,10 @@ class ReplicaSpec:
     """Triton model names to load at start (the server runs with explicit model control)."""
     labels: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    """Variables the replica needs (the storage's credentials): pass them to it, never log them."""
     gpus: int = 0
+    """GPUs each replica gets, as the executor reports them through `replica_gpus()` (0: none, or
+    the executor's own setting decides)."""
 
 
 @dataclass
@@ -161,11 +179,10 @@ class ReplicaStatus:
     expires_at: float | None = None
     """Wall-clock time at which the backend will end the replica (a job's time limit)."""
     details: dict[str, Any] = field(default_factory=dict)
-    """Backend specifics shown by `bioengine status` (pid, job id, container id).
-
-    `details["unsatisfiable"] = True` says the replica can never start as requested (a job asking
-    for more CPUs than any node has); the engine then fails fast with `message`.
-    """
+    """Backend specifics shown by `bioengine status` (pid, job id, container id)."""
+    unsatisfiable: bool = False
+    """The replica can never start as requested (a job asking for more CPUs than any node has);
+    the engine then fails fast with `message` instead of waiting for `ready_timeout`."""
 
 
 class Executor(ABC):
@@ -176,7 +193,9 @@ class Executor(ABC):
     (a Kubernetes Deployment) the engine only calls `scale()` and the platform keeps replicas
     alive; `list()` then reports what the platform runs.
 
-    Methods are synchronous; the engine calls them from worker threads.
+    Methods are synchronous; the engine calls them from worker threads, and may call them
+    concurrently (e.g. `status()` of two replicas while a third is started): an executor must be
+    safe to use from several threads at once (guard shared state with a lock).
     """
 
     manages_replicas: ClassVar[bool] = False
@@ -208,6 +227,11 @@ class Executor(ABC):
     def preview(self, spec: ReplicaSpec) -> str:
         """What `start(spec)` would run (a command line, a batch script, a manifest)."""
         return ""
+
+    def replica_gpus(self) -> list[int] | None:
+        """GPU indices each replica sees (model instance groups are placed on them); None when
+        replicas get no GPU or the executor cannot tell."""
+        return None
 
     def triton_backends(self) -> list[str]:
         """Triton backends the replicas will have (`python`, `onnxruntime`, `pytorch`, ...).

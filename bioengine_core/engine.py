@@ -93,7 +93,8 @@ class Engine(Service):
         self.progress: Any = None  # callable(str) for start-up progress lines
 
     def _make(self, backend: Any) -> Any:
-        return backend.record.factory(settings=backend.settings, context=self.context)
+        context = self.context.for_backend(backend.record.family, backend.record.name)
+        return backend.record.factory(settings=backend.settings, context=context)
 
     # ================================================================ models
     def _resolve(self, ref: str) -> Path:
@@ -132,12 +133,13 @@ class Engine(Service):
 
     def _replica_gpus(self) -> list[int] | None:
         """GPU indices a replica sees, when the executor tells (model instance groups use them)."""
-        probe = getattr(self.executor, "replica_gpus", None)
-        return probe() if callable(probe) else None
+        return self.executor.replica_gpus()
 
     def spec(self) -> ReplicaSpec:
         """What every replica runs: Triton over the storage's repository with our models."""
-        return self.config.replica_spec(self.storage.location(), list(self.models))
+        return self.config.replica_spec(
+            self.storage.location(), list(self.models), gpus=len(self._replica_gpus() or [])
+        )
 
     # ================================================================ life cycle
     def _say(self, message: str) -> None:
@@ -231,7 +233,7 @@ class Engine(Service):
             hopeless = [
                 (rid, r)
                 for rid, r in self.replicas.items()
-                if r.status.details.get("unsatisfiable")
+                if r.status.unsatisfiable
             ]
             if hopeless and ready == 0:
                 rid, rep = hopeless[0]

@@ -393,7 +393,7 @@ class HttpGateway(Gateway):
         if model not in self.service.models:
             raise ModelNotFoundError(model[:100], list(self.service.models))
         version = request.match_info.get("version")
-        if version is not None and not _VERSION_RE.match(version):
+        if version is not None and not _VERSION_RE.fullmatch(version):
             raise InferenceError(
                 f"model version must be a number, not {version[:20]!r}", status=400
             )

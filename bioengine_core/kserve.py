@@ -135,27 +135,43 @@ def _shape(model: str, name: str, shape: Any) -> list[int]:
 
 
 def _json_tensor(model: str, name: str, data: Any, shape: list[int], dtype: np.dtype) -> bytes:
-    """JSON tensor data (flat or nested numbers) as the bytes of a C-ordered array."""
+    """JSON tensor data (flat or nested numbers) as the bytes of a C-ordered array.
+
+    Elements are checked as the Python values JSON gave (exact integers, no silent rounding or
+    wrap-around), then converted.
+    """
     count = math.prod(shape)
+    prefix = f"model '{model}' input '{name}': bad 'data'"
     if not isinstance(data, list):
         raise InvalidInputError(f"model '{model}' input '{name}': 'data' must be a list")
     try:
-        arr = np.asarray(data)
-        if arr.dtype.kind not in "biuf" or (arr.dtype.kind == "b") != (dtype.kind == "b"):
-            raise ValueError(
-                "elements must be numbers" + (" (true/false)" if dtype.kind == "b" else "")
-            )
-        if arr.size != count:
-            raise ValueError(f"{arr.size} values for shape {shape} ({count} expected)")
-        if dtype.kind in "iu" and arr.dtype.kind == "f":
-            raise ValueError(f"non-integer values for an integer tensor ({dtype.name})")
-        with np.errstate(over="raise", invalid="raise"):
-            cast = arr.astype(dtype, casting="unsafe")
-            if dtype.kind in "iu" and not np.array_equal(cast, arr):
-                raise ValueError(f"values out of range for {dtype.name}")
-        return np.ascontiguousarray(cast.reshape(shape)).tobytes()
-    except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
-        raise InvalidInputError(f"model '{model}' input '{name}': bad 'data': {exc}") from None
+        arr = np.array(data, dtype=object)
+    except (ValueError, TypeError):
+        raise InvalidInputError(f"{prefix}: nested lists of unequal length") from None
+    if arr.size != count:
+        raise InvalidInputError(f"{prefix}: {arr.size} values for shape {shape} ({count} expected)")
+    flat = arr.ravel()
+    if dtype.kind == "b":
+        ok = all(isinstance(v, bool) for v in flat)
+        expected = "true/false"
+    elif dtype.kind in "iu":
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in flat)
+        expected = f"integer numbers ({dtype.name})"
+        if ok and count:
+            info = np.iinfo(dtype)
+            if min(flat) < info.min or max(flat) > info.max:
+                raise InvalidInputError(f"{prefix}: values out of range for {dtype.name}")
+    else:
+        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat)
+        expected = f"numbers ({dtype.name})"
+    if not ok:
+        raise InvalidInputError(f"{prefix}: elements must be {expected}")
+    try:
+        with np.errstate(over="ignore"):
+            cast = np.array(flat.tolist(), dtype=dtype) if count else np.zeros(0, dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInputError(f"{prefix}: {exc}") from None
+    return np.ascontiguousarray(cast.reshape(shape)).tobytes()
 
 
 def parse_request(
@@ -198,7 +214,7 @@ def parse_request(
     if client_id is not None and (
         not isinstance(client_id, str)
         or len(client_id) > MAX_ID_CHARS
-        or not _ID_RE.match(client_id)
+        or not _ID_RE.fullmatch(client_id)
     ):
         raise _bad(model, f"'id' must be printable ASCII text of at most {MAX_ID_CHARS} characters")
     params = header.get("parameters") or {}
@@ -237,7 +253,7 @@ def parse_request(
             raise _bad(model, f"input {name[:60]!r}: unknown field(s) {sorted(extra)}")
         shape = _shape(model, name[:60], item.get("shape"))
         datatype = item.get("datatype")
-        if datatype not in _NUMERIC:
+        if not isinstance(datatype, str) or datatype not in _NUMERIC:
             raise InvalidInputError(
                 f"model '{model}' input {name[:60]!r}: unsupported datatype {str(datatype)[:20]!r}"
             )
@@ -309,24 +325,30 @@ def check_response(
     raw_len = headers.get(HEADER_LEN.lower(), headers.get(HEADER_LEN))
     try:
         hl = int(raw_len) if raw_len is not None else len(data)
-    except ValueError:
-        raise ProtocolError(f"replica sent a bad {HEADER_LEN}: {raw_len[:20]!r}") from None
-    if not 0 < hl <= len(data):
-        raise ProtocolError("replica's answer header length is outside its body")
-    try:
+        if not 0 < hl <= len(data):
+            raise ProtocolError("replica's answer header length is outside its body")
         header = json.loads(data[:hl])
-    except ValueError:
-        raise ProtocolError("replica's answer is not JSON") from None
-    if not isinstance(header, dict) or header.get("id") != request.nonce:
-        got = header.get("id") if isinstance(header, dict) else None
-        raise ProtocolError(
-            f"replica answered request {str(got)[:40]!r} to request {request.nonce!r}"
-        )
-    if header.get("model_name") != request.model:
-        raise ProtocolError("replica answered for another model")
-    sizes = 0
-    for out in header.get("outputs") or []:
-        sizes += int((out.get("parameters") or {}).get("binary_data_size") or 0)
+        if not isinstance(header, dict) or header.get("id") != request.nonce:
+            got = header.get("id") if isinstance(header, dict) else None
+            raise ProtocolError(
+                f"replica answered request {str(got)[:40]!r} to request {request.nonce!r}"
+            )
+        if header.get("model_name") != request.model:
+            raise ProtocolError("replica answered for another model")
+        outputs = header.get("outputs", [])
+        if not isinstance(outputs, list):
+            raise ProtocolError("replica's answer has no list of outputs")
+        sizes = 0
+        for out in outputs:
+            params = out.get("parameters") or {}
+            size = params.get("binary_data_size", 0) if isinstance(params, dict) else None
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise ProtocolError("replica's answer has a bad binary_data_size")
+            sizes += size
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        raise ProtocolError("replica's answer is not a valid KServe v2 response") from None
     if hl + sizes != len(data):
         raise ProtocolError("replica's answer size does not match its header")
     if request.client_id is not None:

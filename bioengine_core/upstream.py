@@ -101,7 +101,7 @@ def _request_head(
     """The request line and headers, from checked parts only (ValueError otherwise)."""
     if method not in _METHODS:
         raise ValueError(f"method {method!r} is not forwarded")
-    if not _PATH_RE.match(path):
+    if not _PATH_RE.fullmatch(path):
         raise ValueError(f"refusing to forward path {path[:80]!r}")
     lines = [
         f"{method} {path} HTTP/1.1".encode(),
@@ -109,7 +109,7 @@ def _request_head(
         b"Content-Length: " + str(length).encode(),
     ]
     for key, value in (headers or {}).items():
-        if not _NAME_RE.match(key) or not _VALUE_RE.match(value):
+        if not _NAME_RE.fullmatch(key) or not _VALUE_RE.fullmatch(value):
             raise ValueError(f"refusing to forward header {key[:40]!r}")
         lines.append(f"{key}: {value}".encode("ascii"))
     return b"\r\n".join(lines) + b"\r\n\r\n"

@@ -45,7 +45,7 @@ class Names:
 
 def names_for(settings: K8sSettings, deployment: str) -> Names:
     """PREFIX-DEPLOYMENT as a DNS label short enough for pod names derived from it."""
-    if not deployment or len(deployment) > 63 or not _LABEL_VALUE.match(deployment):
+    if not deployment or len(deployment) > 63 or not _LABEL_VALUE.fullmatch(deployment):
         raise ExecutorError(
             f"deployment name {deployment!r} cannot be a Kubernetes label value: use at most 63 "
             "letters, digits, '-', '_' or '.', starting and ending with a letter or digit"

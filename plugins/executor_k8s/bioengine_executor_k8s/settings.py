@@ -210,7 +210,7 @@ class K8sSettings(BackendSettings):
     @field_validator("namespace")
     @classmethod
     def _dns_label(cls, value: str) -> str:
-        if not _DNS_LABEL.match(value) or len(value) > 63:
+        if not _DNS_LABEL.fullmatch(value) or len(value) > 63:
             raise ValueError(
                 "must be a DNS label: lower-case letters, digits and '-', at most 63 characters"
             )
@@ -219,7 +219,7 @@ class K8sSettings(BackendSettings):
     @field_validator("name_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
-        if not re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$", value) or len(value) > 30:
+        if not re.fullmatch(r"^[a-z]([-a-z0-9]*[a-z0-9])?$", value) or len(value) > 30:
             raise ValueError(
                 "must start with a lower-case letter, then letters, digits and '-' "
                 "(30 characters at most)"
@@ -229,7 +229,7 @@ class K8sSettings(BackendSettings):
     @field_validator("cpu_request", "cpu_limit", "memory_request", "memory_limit", "shm_size")
     @classmethod
     def _quantity(cls, value: str | None) -> str | None:
-        if value is not None and not _QUANTITY.match(value):
+        if value is not None and not _QUANTITY.fullmatch(value):
             raise ValueError("must be a Kubernetes quantity such as 500m, 2, 512Mi or 16Gi")
         return value
 
@@ -237,9 +237,9 @@ class K8sSettings(BackendSettings):
     @classmethod
     def _label_map(cls, value: dict[str, str]) -> dict[str, str]:
         for key, val in value.items():
-            if not _LABEL_KEY.match(key):
+            if not _LABEL_KEY.fullmatch(key):
                 raise ValueError(f"{key!r} is not a valid label key")
-            if len(val) > 63 or not _LABEL_VALUE.match(val):
+            if len(val) > 63 or not _LABEL_VALUE.fullmatch(val):
                 raise ValueError(f"{key}={val!r}: not a valid label value (63 characters at most)")
         return value
 
@@ -247,7 +247,7 @@ class K8sSettings(BackendSettings):
     @classmethod
     def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
-            if not _ENV_NAME.match(key):
+            if not _ENV_NAME.fullmatch(key):
                 raise ValueError(f"{key!r} is not a valid environment variable name")
         return value
 

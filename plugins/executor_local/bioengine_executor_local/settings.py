@@ -106,7 +106,7 @@ class LocalExecutorSettings(BackendSettings):
     @field_validator("gpus")
     @classmethod
     def _check_gpus(cls, value: str | None) -> str | None:
-        if value is not None and not _GPUS.match(value.replace(" ", "")):
+        if value is not None and not _GPUS.fullmatch(value.replace(" ", "")):
             raise ValueError("must be `all` or comma-separated device ids such as `0,1`")
         return value.replace(" ", "") if value else value
 

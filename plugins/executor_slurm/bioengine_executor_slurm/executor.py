@@ -266,7 +266,7 @@ class SlurmExecutor(Executor):
                 if not can_wait:
                     message += "; it will not start unless the request or the cluster changes"
                 status = self._status(job, ReplicaState.PENDING, message)
-                status.details["unsatisfiable"] = not can_wait
+                status.unsatisfiable = not can_wait
                 return status
             return self._status(job, ReplicaState.PENDING, f"Slurm state {job.state}")
         # The job ended.

@@ -147,14 +147,14 @@ class SlurmSettings(BackendSettings):
     @classmethod
     def _time(cls, value: str) -> str:
         value = str(value).strip()
-        if not _TIME.match(value):
+        if not _TIME.fullmatch(value):
             raise ValueError("expected a Slurm time such as 60, 2:00:00 or 1-00:00:00")
         return value
 
     @field_validator("memory")
     @classmethod
     def _memory(cls, value: str | None) -> str | None:
-        if value is not None and not _MEMORY.match(value.strip()):
+        if value is not None and not _MEMORY.fullmatch(value.strip()):
             raise ValueError("expected a Slurm memory size such as 16000, 16G or 512M")
         return value.strip() if value else value
 

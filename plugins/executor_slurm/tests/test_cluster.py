@@ -156,7 +156,7 @@ def test_job_requesting_more_cpus_than_any_node_reports_slurms_reason(make_execu
             pending = executor.status(status.replica_id)
         assert "PartitionConfig" in pending.message or "BadConstraints" in pending.message
         assert "will not start" in pending.message
-        assert pending.details["unsatisfiable"] is True
+        assert pending.unsatisfiable is True
         assert "pending" in executor.logs(status.replica_id)
     finally:
         executor.stop(status.replica_id, grace=2)

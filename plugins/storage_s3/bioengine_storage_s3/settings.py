@@ -114,7 +114,7 @@ class S3StorageSettings(BackendSettings):
     @field_validator("bucket")
     @classmethod
     def _bucket_name(cls, value: str) -> str:
-        if not _BUCKET.match(value) or ".." in value:
+        if not _BUCKET.fullmatch(value) or ".." in value:
             raise ValueError(
                 "bucket names are 3-63 lower-case letters, digits, '.' and '-' "
                 "(Triton cannot read other names)"
@@ -126,7 +126,7 @@ class S3StorageSettings(BackendSettings):
     def _prefix_path(cls, value: str) -> str:
         value = value.strip("/")
         for segment in value.split("/") if value else []:
-            if not _SEGMENT.match(segment) or segment in (".", "..") or segment == ".bioengine":
+            if not _SEGMENT.fullmatch(segment) or segment in (".", "..") or segment == ".bioengine":
                 raise ValueError(
                     f"prefix segment {segment!r}: use letters, digits, '.', '-' and '_' "
                     "(Triton cannot read other paths)"
@@ -141,7 +141,7 @@ class S3StorageSettings(BackendSettings):
     @field_validator("access_key_id_env", "secret_access_key_env")
     @classmethod
     def _env_name(cls, value: str | None) -> str | None:
-        if value is not None and not _ENV_NAME.match(value):
+        if value is not None and not _ENV_NAME.fullmatch(value):
             raise ValueError("must be the name of an environment variable, e.g. S3_ACCESS_KEY")
         return value
 

@@ -1,0 +1,127 @@
+"""Helpers that the core, the plugins and third-party backends share (a public module).
+
+One home for small things every backend needs alike: the deployment label, free ports, atomic
+JSON files, the address a wildcard bind is reached at, the weight formats BioEngine serves,
+finding a package's description file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError
+
+DEPLOYMENT_LABEL = "bioengine.deployment"
+"""Label key every replica carries with its deployment name (adoption after restarts)."""
+REPLICA_LABEL = "bioengine.replica"
+"""Label key with the replica's own id."""
+
+WEIGHT_FORMATS = ("onnx", "torchscript", "pytorch_state_dict")
+"""Weight formats BioEngine can serve, most preferred first."""
+
+RDF_NAMES = ("bioimageio.yaml", "rdf.yaml")
+"""File names of a package's description, in the order they are looked for."""
+
+WILDCARDS = ("", "0.0.0.0", "::", "[::]", "*")
+
+
+def connect_host(address: str) -> str:
+    """The host to reach a server bound to `address`: a wildcard is reached via loopback."""
+    if address in WILDCARDS:
+        return "127.0.0.1"  # dual-stack listeners on :: answer there too
+    return address
+
+
+def url_host(host: str) -> str:
+    """`host` as it goes into a URL (IPv6 literals in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def free_ports(address: str, count: int, exclude: Iterable[int] = ()) -> list[int]:
+    """`count` distinct TCP ports that are free on `address` now (bound with port 0 together)."""
+    taken = set(exclude)
+    ports: list[int] = []
+    sockets: list[socket.socket] = []
+    host = address.strip("[]") or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        while len(ports) < count:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+            if port not in taken:
+                taken.add(port)
+                ports.append(port)
+    finally:
+        for sock in sockets:
+            sock.close()
+    return ports
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    """One TCP port that is free on `address` now."""
+    return free_ports(address, 1)[0]
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write `data` atomically and durably (temp file, fsync, rename): readers never see half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None if it is absent, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def find_rdf(folder: Path) -> Path:
+    """The description file of a package folder (or the file itself); ModelError if none."""
+    folder = Path(folder)
+    if folder.is_file():
+        return folder
+    if not folder.is_dir():
+        raise ModelError(f"model package not found: {folder}")
+    for name in RDF_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(folder.glob("*.bioimageio.yaml"))
+    if found:
+        return found[0]
+    raise ModelError(
+        f"{folder} is not a bioimage.io model package: no {' or '.join(RDF_NAMES)} in it"
+    )
+
+
+__all__ = [
+    "DEPLOYMENT_LABEL",
+    "RDF_NAMES",
+    "REPLICA_LABEL",
+    "WEIGHT_FORMATS",
+    "connect_host",
+    "find_rdf",
+    "free_port",
+    "free_ports",
+    "read_json",
+    "url_host",
+    "write_json",
+]
