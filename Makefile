@@ -9,15 +9,15 @@ PLUGINS := -e "plugins/executor_local[triton]" -e plugins/executor_slurm -e "plu
 .PHONY: serve test install services lint bench clean
 
 # What `make serve` needs: the core with ONNX support and the local executor with its Triton.
-$(BIN)/.serve-installed: pyproject.toml plugins/executor_local/pyproject.toml
+$(BIN)/.serve-installed: pyproject.toml constraints.txt plugins/executor_local/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[onnx]" -e "plugins/executor_local[triton]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[onnx]" -e "plugins/executor_local[triton]"
 	touch $@
 
 # Everything, for development and tests: every plugin with its test dependencies, torch.
 $(BIN)/.installed: $(BIN)/.serve-installed $(wildcard plugins/*/pyproject.toml)
-	$(BIN)/python -m pip install --quiet -e ".[onnx,torch,test]" $(PLUGINS)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[onnx,torch,test]" $(PLUGINS)
 	touch $@
 
 install: $(BIN)/.installed

@@ -82,6 +82,18 @@ async def _identity_server(spec: str) -> None:
         def check_inputs(self, model_id, specs):
             return None
 
+        def model_ids(self):
+            return ["identity"]
+
+        async def triton_get(self, model_id, what="metadata", *, version=None):
+            return 200, b"{}"
+
+        def ready_replicas(self):
+            return 1
+
+        def metrics_text(self):
+            return b""
+
         async def test_model(self, model_id):
             return {}
 

@@ -38,6 +38,40 @@ BASE_ALLOW: tuple[str, ...] = (
 )
 """Variables every child may inherit: none of them carries a credential."""
 
+CONTAINER_CLIENT_ALLOW: tuple[str, ...] = (
+    "XDG_RUNTIME_DIR",
+    "XDG_CONFIG_HOME",
+    "XDG_DATA_HOME",
+    "XDG_CACHE_HOME",
+    "DBUS_SESSION_BUS_ADDRESS",
+    "CONTAINERS_*",
+    "CONTAINER_HOST",
+    "CONTAINER_CONNECTION",
+    "PODMAN_*",
+    "REGISTRY_AUTH_FILE",
+    "STORAGE_DRIVER",
+    "STORAGE_OPTS",
+    "DOCKER_HOST",
+    "DOCKER_CONFIG",
+    "DOCKER_CONTEXT",
+    "DOCKER_TLS_VERIFY",
+    "DOCKER_CERT_PATH",
+    "DOCKER_API_VERSION",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+)
+"""What a docker/podman client reads besides `BASE_ALLOW` (daemon socket, config, registry auth
+file, storage settings, proxies for pulls); the container itself gets only the variables passed
+to it explicitly (`--env`)."""
+
+APPTAINER_CLIENT_ALLOW: tuple[str, ...] = ("APPTAINER_*", "SINGULARITY_*")
+"""The apptainer/singularity client's own settings (cache, tmp dir, registry login); with
+`--cleanenv` only APPTAINERENV_*/SINGULARITYENV_* variables enter the container."""
+
 
 def _allowed(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
@@ -61,4 +95,4 @@ def child_env(
     return env
 
 
-__all__ = ["BASE_ALLOW", "child_env"]
+__all__ = ["APPTAINER_CLIENT_ALLOW", "BASE_ALLOW", "CONTAINER_CLIENT_ALLOW", "child_env"]

@@ -206,88 +206,136 @@ def _validate(model: type[BaseModel], data: dict[str, Any], file: str, section: 
         raise ConfigError("\n".join(problems), problems=problems) from None
 
 
-def load_config(path: str | Path | None, plugins: PluginManager | None = None) -> SiteConfig:
-    """Read, merge with BIOENGINE_* overrides, and validate every section of a site config."""
-    plugins = plugins or PluginManager()
-    file_label = str(path) if path else "(defaults)"
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{file_label}: no such config file")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{file_label}: not valid TOML: {exc}") from None
-    problems: list[str] = []
+def _read(path: str | Path | None, label: str) -> dict[str, Any]:
+    """The TOML file as a dict ({} without a file); ConfigError for a missing or broken file."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{label}: no such config file")
     try:
-        sections = _Sections(**data)
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{label}: not valid TOML: {exc}") from None
+
+
+def _merge(data: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`data` with command-line overrides laid over its sections (validated like the file)."""
+    merged = dict(data)
+    for section, values in overrides.items():
+        merged[section] = {**merged.get(section, {}), **values}
+    return merged
+
+
+def _core_sections(data: dict[str, Any], label: str) -> _Sections:
+    """The core's own sections validated; ConfigError listing every problem."""
+    try:
+        return _Sections(**data)
     except ValidationError as exc:
-        for e in exc.errors():
-            loc = [str(x) for x in e["loc"]]
-            if e["type"] == "extra_forbidden" and len(loc) == 1:
-                allowed = ", ".join(sorted(_Sections.model_fields))
-                problems.append(f"{file_label}: unknown section [{loc[0]}]; allowed: {allowed}")
-                continue
-            if loc and loc[0] == "models" and len(loc) > 1 and loc[1].isdigit():
-                section, rest = f"models #{int(loc[1]) + 1}", loc[2:]
-                allowed = sorted(ModelEntry.model_fields)
-            else:
-                section, rest = (loc[0] if loc else "?"), loc[1:]
-                allowed = sorted(EngineSettings.model_fields) if section == "engine" else []
-            problems.append(_describe(file_label, section, {**e, "loc": rest}, allowed))
+        problems = [_section_problem(e, label) for e in exc.errors()]
         raise ConfigError("\n".join(problems), problems=problems) from None
 
-    def backend(
-        family: str, section: str, raw: dict[str, Any], default_kind: str
+
+def _section_problem(e: Any, label: str) -> str:
+    loc = [str(x) for x in e["loc"]]
+    if e["type"] == "extra_forbidden" and len(loc) == 1:
+        allowed = ", ".join(sorted(_Sections.model_fields))
+        return f"{label}: unknown section [{loc[0]}]; allowed: {allowed}"
+    if loc and loc[0] == "models" and len(loc) > 1 and loc[1].isdigit():
+        section, rest = f"models #{int(loc[1]) + 1}", loc[2:]
+        allowed = sorted(ModelEntry.model_fields)
+    else:
+        section, rest = (loc[0] if loc else "?"), loc[1:]
+        allowed = sorted(EngineSettings.model_fields) if section == "engine" else []
+    return _describe(label, section, {**e, "loc": rest}, allowed)
+
+
+class _Backends:
+    """Validates backend sections by the settings model of the kind each names; collects
+    problems instead of stopping at the first."""
+
+    def __init__(self, plugins: PluginManager, label: str) -> None:
+        self.plugins = plugins
+        self.label = label
+        self.problems: list[str] = []
+
+    def build(
+        self, family: str, section: str, raw: dict[str, Any], default_kind: str
     ) -> Backend | None:
         raw = dict(raw)
         kind = raw.setdefault("kind", default_kind)
-        reg = plugins.get(family, kind)
+        reg = self.plugins.get(family, kind)
         if reg is None:
-            names = ", ".join(plugins.names(family)) or "none"
-            problems.append(
-                f"{file_label}: [{section}] key 'kind' = {kind!r}: no {family} named {kind!r} "
-                f"is installed (installed: {names}); {plugins.missing_hint(family, kind)}"
+            names = ", ".join(self.plugins.names(family)) or "none"
+            self.problems.append(
+                f"{self.label}: [{section}] key 'kind' = {kind!r}: no {family} named {kind!r} "
+                f"is installed (installed: {names}); {self.plugins.missing_hint(family, kind)}"
             )
             return None
         try:
-            settings = _validate(reg.record.settings, raw, file_label, section)
+            settings = _validate(reg.record.settings, raw, self.label, section)
         except ConfigError as exc:
-            problems.extend(exc.problems)
+            self.problems.extend(exc.problems)
             return None
         return Backend(section, reg.record, settings)
 
-    executor = backend("executor", "executor", sections.executor, "local")
-    storage = backend("storage", "storage", sections.storage, "local")
+    def sources(self, configured: dict[str, dict[str, Any]]) -> dict[str, Backend | None]:
+        """Every installed source (configured or with defaults); unknown sections reported."""
+        found = {
+            name: self.build("source", f"sources.{name}", configured.get(name, {}), name)
+            for name in self.plugins.names("source")
+        }
+        for name in configured:
+            if name not in found:
+                self.build("source", f"sources.{name}", configured[name], name)
+        return found
+
+    def check_models(self, models: list[ModelEntry]) -> None:
+        """Each model's scheme has a source; no id is used twice."""
+        schemes = {
+            scheme
+            for name in self.plugins.names("source")
+            for scheme in (
+                getattr(self.plugins.get("source", name).record, "schemes", ()) or (name,)
+            )
+        }
+        for index, model in enumerate(models, start=1):
+            scheme, _ = split_ref(model.source)
+            if scheme not in schemes:
+                self.problems.append(
+                    f"{self.label}: [models #{index}] key 'source' = {model.source!r}: no model "
+                    f"source handles '{scheme}:' (installed: {', '.join(sorted(schemes))})"
+                )
+        ids = [m.id for m in models if m.id]
+        for dup in sorted({i for i in ids if ids.count(i) > 1}):
+            self.problems.append(
+                f"{self.label}: [models] id {dup!r} is used by more than one model"
+            )
+
+
+def load_config(
+    path: str | Path | None,
+    plugins: PluginManager | None = None,
+    *,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> SiteConfig:
+    """Read, merge with BIOENGINE_* and command-line `overrides` (`{"engine": {"replicas": 2}}`),
+    and validate every section of a site config; ConfigError listing every problem."""
+    plugins = plugins or PluginManager()
+    label = str(path) if path else "(defaults)"
+    data = _read(path, label)
+    sections = _core_sections(_merge(data, overrides or {}), label)
+    backends = _Backends(plugins, label)
+    executor = backends.build("executor", "executor", sections.executor, "local")
+    storage = backends.build("storage", "storage", sections.storage, "local")
     gateways = {
-        name: backend("gateway", f"gateways.{name}", raw, name)
+        name: backends.build("gateway", f"gateways.{name}", raw, name)
         for name, raw in sections.gateways.items()
     }
-    sources: dict[str, Backend | None] = {}
-    for name in plugins.names("source"):
-        raw = sections.sources.get(name, {})
-        sources[name] = backend("source", f"sources.{name}", raw, name)
-    for name in sections.sources:
-        if name not in sources:
-            backend("source", f"sources.{name}", sections.sources[name], name)
-    schemes = {
-        scheme
-        for name in plugins.names("source")
-        for scheme in (getattr(plugins.get("source", name).record, "schemes", ()) or (name,))
-    }
-    for index, model in enumerate(sections.models, start=1):
-        scheme, _ = split_ref(model.source)
-        if scheme not in schemes:
-            problems.append(
-                f"{file_label}: [models #{index}] key 'source' = {model.source!r}: no model "
-                f"source handles '{scheme}:' (installed: {', '.join(sorted(schemes))})"
-            )
-    ids = [m.id for m in sections.models if m.id]
-    for dup in sorted({i for i in ids if ids.count(i) > 1}):
-        problems.append(f"{file_label}: [models] id {dup!r} is used by more than one model")
-    if problems:
-        raise ConfigError("\n".join(problems), problems=problems)
+    sources = backends.sources(sections.sources)
+    backends.check_models(sections.models)
+    if backends.problems:
+        raise ConfigError("\n".join(backends.problems), problems=backends.problems)
     return SiteConfig(
         path=Path(path).resolve() if path else None,
         engine=sections.engine,

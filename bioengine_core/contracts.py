@@ -2,7 +2,11 @@
 
 Hooks *register* backends by returning the records defined here; the backends themselves are
 classes implementing the small abstract interfaces below. Plugins import only this module and
-`hookspecs`, `errors`, `commands`, `childenv`, `util`, `site` and `testing` from the core.
+`hookspecs`, `errors`, `commands`, `childenv`, `util`, `site`, `triton` and `testing` from
+the core.
+
+Size: over 400 lines because it is the plugin API reference (each member documented where it
+is declared); splitting it would scatter that reference over several modules.
 """
 
 from __future__ import annotations
@@ -300,16 +304,38 @@ class ModelInfo:
 
 
 class Service(ABC):
-    """The service API that gateways expose; implemented by the engine."""
+    """The service API that gateways expose; the only thing a gateway sees of the engine.
 
+    Everything a gateway needs is here: readiness, metrics, the model list and descriptions,
+    Triton's per-model GETs, inference (arrays or raw KServe bodies), model tests, status and
+    the admin calls. Errors are `InferenceError`s carrying the HTTP status to answer.
+    """
+
+    # ---------------------------------------------------------------- models
     @abstractmethod
     def list_models(self) -> list[ModelInfo]:
         """The models this deployment serves."""
 
     @abstractmethod
+    def model_ids(self) -> list[str]:
+        """Ids of the served models, sorted (cheap: for routing checks)."""
+
+    @abstractmethod
     def get_model(self, model_id: str) -> dict[str, Any]:
         """The model's bioimage.io description (RDF) as a dict; ModelNotFoundError if unknown."""
 
+    @abstractmethod
+    def check_inputs(self, model_id: str, specs: dict[str, tuple[tuple[int, ...], str]]) -> None:
+        """Check input shapes and dtype names (`{tensor id: (shape, "float32")}`) against the
+        model before any tensor data is read or inflated; InvalidInputError naming the model
+        and input, ModelNotFoundError for an unknown model."""
+
+    def would_time_out(self, model_id: str, timeout: float | None) -> bool:
+        """True when a request with this deadline (seconds) cannot be answered in time, so a
+        gateway may answer 504 before reading its body. The default knows nothing: False."""
+        return False
+
+    # ---------------------------------------------------------------- inference
     @abstractmethod
     async def infer(
         self,
@@ -324,28 +350,45 @@ class Service(ABC):
     async def infer_raw(
         self, model_id: str, body: bytes, headers: dict[str, str], *, timeout: float | None = None
     ) -> tuple[int, bytes, dict[str, str]]:
-        """Validate a KServe v2 HTTP infer body against the model, then forward it to a ready
-        replica; returns (status, body, headers). InvalidInputError for a wrong request."""
+        """Validate a KServe v2 HTTP infer body (`headers` may carry
+        `Inference-Header-Content-Length`) against the model, rebuild it and send it to a ready
+        replica; returns (status, body, headers) to answer with. InvalidInputError (400) for a
+        wrong request."""
 
     @abstractmethod
-    def check_inputs(self, model_id: str, specs: dict[str, tuple[tuple[int, ...], str]]) -> None:
-        """Check input shapes and dtype names (`{tensor id: (shape, "float32")}`) against the
-        model before any tensor data is read or inflated; InvalidInputError naming the model
-        and input, ModelNotFoundError for an unknown model."""
-
-    def would_time_out(self, model_id: str, timeout: float | None) -> bool:
-        """True when a request with this deadline (seconds) cannot be answered in time, so a
-        gateway may answer 504 before reading its body. The default knows nothing: False."""
-        return False
+    async def triton_get(
+        self, model_id: str, what: str = "metadata", *, version: int | None = None
+    ) -> tuple[int, bytes]:
+        """Triton's answer (status, JSON body) to `GET /v2/models/ID[/versions/N][/what]` with
+        `what` one of metadata, ready, config, stats, from a ready replica."""
 
     @abstractmethod
     async def test_model(self, model_id: str) -> dict[str, Any]:
-        """Run the model's own test inputs through the replicas and compare with its test outputs."""
+        """Run the model's own test inputs through the replicas and compare with its test
+        outputs: `{"model_id", "passed", "outputs": {id: {"max_abs_error", "passed"}}}`."""
+
+    # ---------------------------------------------------------------- state
+    @abstractmethod
+    def ready_replicas(self) -> int:
+        """Replicas accepting requests now (0: the service cannot answer; health probes)."""
+
+    @abstractmethod
+    def metrics_text(self) -> bytes:
+        """Prometheus text exposition of the service's metrics (requests, latency, replicas)."""
 
     @abstractmethod
     def status(self) -> dict[str, Any]:
-        """Replicas, endpoints, states, gateways and per-model request counts."""
+        """What runs where, as plain data for `bioengine status`:
 
+        `deployment`, `executor` (kind), `storage` (`kind`, `uri`), `target_replicas`,
+        `ready_replicas`, `replicas` (one dict each: `id`, `state`, `url`, `host`, `message`,
+        `routed`, `adopted`, `started_at`, `expires_at`, `successor`, `requests`,
+        `outstanding`, `details`), `models` (`id`, `weight_format`, `backend`, `requests`,
+        `errors`), `gateways` (name → the gateway's `info()`), `uptime_s`. Holds process ids,
+        endpoints and paths: show it to administrators only.
+        """
+
+    # ---------------------------------------------------------------- admin
     @abstractmethod
     async def load_model(self, ref: str, *, model_id: str | None = None) -> str:
         """Resolve, publish and load a model on every replica; returns its id (admin)."""

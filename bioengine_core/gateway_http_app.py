@@ -11,14 +11,11 @@ Also serves /health, Prometheus /metrics and /bioengine/status.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import re
 import secrets
 import ssl
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,142 +25,12 @@ from . import __version__, logsafe
 from .contracts import BackendContext, Gateway, Service
 from .errors import BioEngineError, ConfigError, InferenceError, ModelNotFoundError
 from .gateway_http import HttpGatewaySettings, is_loopback
+from .http_guard import RANK, BodyBudget, LimitedSite, Tokens, error, read_body, small_json
 from .kserve import HEADER_LEN
 
 log = logging.getLogger("bioengine.gateway.http")
 
 _VERSION_RE = re.compile(r"^[0-9]{1,9}$")
-_FORWARDED = {"": "", "ready": "/ready", "config": "/config", "stats": "/stats"}
-_RANK = {None: 0, "inference": 1, "admin": 2}
-CHUNK = 1 << 20
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
-
-
-class BodyBudget:
-    """Bytes of request bodies held at once, over all requests; waits, then refuses."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self.peak = 0
-        self._released = asyncio.Event()
-
-    async def acquire(self, size: int, wait: float) -> bool:
-        """Reserve `size` bytes, waiting up to `wait` seconds; False when it did not fit."""
-        deadline = time.monotonic() + wait
-        while self.used + size > self.limit:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or size > self.limit:
-                return False
-            self._released.clear()
-            try:
-                await asyncio.wait_for(self._released.wait(), remaining)
-            except TimeoutError:
-                return False
-        self.used += size
-        self.peak = max(self.peak, self.used)
-        return True
-
-    def release(self, size: int) -> None:
-        """Return `size` bytes to the budget."""
-        self.used = max(0, self.used - size)
-        self._released.set()
-
-
-class _Refuse:
-    """Answers a connection beyond the limit with 503 and closes it."""
-
-    def connection_made(self, transport: Any) -> None:
-        body = b'{"error": "too many connections; retry shortly"}'
-        transport.write(
-            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n"
-            b"Content-Type: application/json\r\nContent-Length: "
-            + str(len(body)).encode()
-            + b"\r\n\r\n"
-            + body
-        )
-        transport.close()
-
-    def data_received(self, data: bytes) -> None:
-        pass
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass
-
-
-class _LimitedSite(web.TCPSite):
-    """A TCP site that accepts at most `limit` connections at once."""
-
-    def __init__(self, runner: web.AppRunner, host: str, port: int, *, limit: int, **kw: Any):
-        super().__init__(runner, host, port, **kw)
-        self._limit = limit
-
-    async def start(self) -> None:
-        await web.BaseSite.start(self)
-        server = self._runner.server
-        assert server is not None
-
-        def factory() -> Any:
-            return _Refuse() if len(server.connections) >= self._limit else server()
-
-        self._server = await asyncio.get_running_loop().create_server(
-            factory,
-            self._host,
-            self._port,
-            ssl=self._ssl_context,
-            backlog=self._backlog,
-            reuse_address=self._reuse_address,
-        )
-
-
-class Tokens:
-    """API tokens and their roles; compared in constant time, never stored in clear."""
-
-    def __init__(self, settings: HttpGatewaySettings, context: BackendContext) -> None:
-        self._entries: list[tuple[bytes, str, str]] = []
-        for index, token in enumerate(settings.tokens):
-            where = f"[gateways.http] tokens #{index + 1}"
-            if token.env:
-                import os
-
-                value = os.environ.get(token.env, "").strip()
-                if not value:
-                    raise ConfigError(f"{where} key 'env': variable {token.env} is not set")
-            else:
-                path = context.resolve_path(token.file or "")
-                try:
-                    value = path.read_text().strip()
-                except OSError as exc:
-                    raise ConfigError(f"{where} key 'file': cannot read {path}: {exc}") from None
-                if not value:
-                    raise ConfigError(f"{where} key 'file': {path} is empty")
-            if len(value) < 16:
-                raise ConfigError(f"{where}: the token must have at least 16 characters")
-            self._entries.append((self._digest(value), token.role, token.label))
-
-    @staticmethod
-    def _digest(value: str) -> bytes:
-        return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
-
-    @property
-    def enabled(self) -> bool:
-        """True when any token is configured."""
-        return bool(self._entries)
-
-    def role_of(self, presented: str) -> tuple[str | None, str]:
-        """(role, label) of a presented token, or (None, "") when it matches none."""
-        digest = self._digest(presented)
-        found: tuple[str | None, str] = (None, "")
-        for known, role, label in self._entries:  # no early exit: same time for every token
-            if hmac.compare_digest(digest, known) and _RANK[role] > _RANK[found[0]]:
-                found = (role, label)
-        return found
 
 
 class HttpGateway(Gateway):
@@ -240,7 +107,7 @@ class HttpGateway(Gateway):
             handler_cancellation=True,
         )
         await self.runner.setup()
-        site = _LimitedSite(
+        site = LimitedSite(
             self.runner, s.host, s.port, limit=s.max_connections, ssl_context=self.ssl_context
         )
         await site.start()
@@ -297,30 +164,31 @@ class HttpGateway(Gateway):
         needed = self._needed(request)
         role = self._role(request)
         request["role"] = role
-        if needed is not None and _RANK[role] < _RANK[needed]:
+        if needed is not None and RANK[role] < RANK[needed]:
             presented = "Authorization" in request.headers
             if role is None or (not presented and self.tokens.enabled):
-                return _error(
+                return error(
                     401,
                     "this call needs an API token: send 'Authorization: Bearer TOKEN'",
                     {"WWW-Authenticate": 'Bearer realm="bioengine"'},
                 )
             who = "your token has" if presented else "anonymous callers have"
-            return _error(403, f"this call needs the {needed} role; {who} the {role} role")
+            return error(403, f"this call needs the {needed} role; {who} the {role} role")
         try:
             return await handler(request)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return _error(exc.status, exc.reason or "request refused", dict(exc.headers))
+            kept = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+            return error(exc.status, exc.reason or "request refused", kept)
         except InferenceError as exc:
             if exc.status >= 500:
                 log.warning("%s %s failed: %s", request.method, request.path[:100], exc)
             headers = {"Retry-After": "1"} if exc.status == 503 else None
-            return _error(exc.status, str(exc), headers)
+            return error(exc.status, str(exc), headers)
         except BioEngineError as exc:
             log.error("%s %s failed: %s", request.method, request.path[:100], exc)
-            return _error(500, str(exc))
+            return error(500, str(exc))
         except (asyncio.CancelledError, ConnectionError):
             raise
         except Exception:
@@ -328,19 +196,19 @@ class HttpGateway(Gateway):
             log.exception(
                 "internal error (ref %s) on %s %s", ref, request.method, request.path[:100]
             )
-            return _error(500, f"internal error (ref {ref}); the operator's log has the details")
+            return error(500, f"internal error (ref {ref}); the operator's log has the details")
 
     # ------------------------------------------------------------------ handlers
     async def health(self, request: web.Request) -> web.Response:
-        ready = self.service.router.ready_count()
+        ready = self.service.ready_replicas()
         data: dict[str, Any] = {"status": "ok" if ready else "unavailable", "replicas_ready": ready}
         if request["role"] is not None:
-            data["models"] = sorted(self.service.models)
+            data["models"] = self.service.model_ids()
         return web.json_response(data, status=200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(
-            body=self.service.metrics.render(), content_type="text/plain", charset="utf-8"
+            body=self.service.metrics_text(), content_type="text/plain", charset="utf-8"
         )
 
     async def status(self, request: web.Request) -> web.Response:
@@ -353,10 +221,10 @@ class HttpGateway(Gateway):
         return web.json_response([m.__dict__ for m in self.service.list_models()])
 
     async def scale(self, request: web.Request) -> web.Response:
-        body = await self._small_json(request)
+        body = await small_json(request, self.settings.body_timeout)
         replicas = body.get("replicas") if isinstance(body, dict) else None
         if not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= 64:
-            return _error(400, 'send {"replicas": N} with 0 <= N <= 64')
+            return error(400, 'send {"replicas": N} with 0 <= N <= 64')
         await self.service.scale(replicas)
         log.warning("scaled to %d replica(s) through the HTTP gateway", replicas)
         return web.json_response({"replicas": replicas})
@@ -380,18 +248,19 @@ class HttpGateway(Gateway):
         return web.Response(status=200)
 
     async def ready(self, request: web.Request) -> web.Response:
-        return web.Response(status=200 if self.service.router.ready_count() else 503)
+        return web.Response(status=200 if self.service.ready_replicas() else 503)
 
     async def repository_index(self, request: web.Request) -> web.Response:
         return web.json_response(
-            [{"name": m, "version": "1", "state": "READY"} for m in sorted(self.service.models)]
+            [{"name": m, "version": "1", "state": "READY"} for m in self.service.model_ids()]
         )
 
     def _known(self, request: web.Request) -> str:
         """The served model id named in the route (and a valid version, if any)."""
         model = request.match_info["model"]
-        if model not in self.service.models:
-            raise ModelNotFoundError(model[:100], list(self.service.models))
+        served = self.service.model_ids()
+        if model not in served:
+            raise ModelNotFoundError(model[:100], served)
         version = request.match_info.get("version")
         if version is not None and not _VERSION_RE.fullmatch(version):
             raise InferenceError(
@@ -402,123 +271,12 @@ class HttpGateway(Gateway):
     async def forward_get(self, request: web.Request) -> web.Response:
         model = self._known(request)
         version = request.match_info.get("version")
-        path = f"/v2/models/{model}"
-        if version is not None:
-            path += f"/versions/{int(version)}"
-        path += _FORWARDED[request.match_info.get("what", "")]
-        status, data, headers = await self.service.router.request("GET", path, timeout=30)
-        if status >= 400:
-            from .router import error_message
-
-            return _error(status, error_message(data)[:2000])
-        return web.Response(status=status, body=data, content_type="application/json")
-
-    async def _small_json(self, request: web.Request, limit: int = 65536) -> Any:
-        if request.content_length is not None and request.content_length > limit:
-            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-        try:
-            raw = await asyncio.wait_for(
-                request.content.read(limit + 1), self.settings.body_timeout
-            )
-        except TimeoutError:
-            raise InferenceError("request body not received in time", status=408) from None
-        if len(raw) > limit:
-            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
-        try:
-            return json.loads(raw or b"{}")
-        except (ValueError, RecursionError):
-            raise InferenceError("the body must be a JSON object", status=400) from None
-
-    async def _read_body(
-        self,
-        request: web.Request,
-        peek: Callable[[memoryview], web.Response | None] | None = None,
-    ) -> tuple[bytearray, int] | web.Response:
-        """The body, read within the size limit, memory budget and read deadline.
-
-        `peek(json_header)` sees the JSON header as soon as it has arrived and may answer
-        instead (the rest is then never read). Returns (body, reserved bytes) or the error
-        response to send.
-        """
-        s = self.settings
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding != "identity":
-            return _error(
-                415, "compressed request bodies are not accepted; send the tensors uncompressed"
-            )
-        declared = request.content_length
-        if declared is not None and declared > s.max_request_bytes:
-            response = _error(
-                413,
-                f"request body of {declared} bytes is larger than this gateway accepts "
-                f"({s.max_request_bytes} bytes, [gateways.http] max_request_bytes)",
-            )
-            response.force_close()
-            return response
-        reserved = 0
-        busy = _error(
-            503,
-            "the gateway is receiving too much data right now; retry shortly",
-            {"Retry-After": "2"},
+        status, data = await self.service.triton_get(
+            model,
+            request.match_info.get("what") or "metadata",
+            version=int(version) if version is not None else None,
         )
-        if declared is not None:
-            if not await self.budget.acquire(declared, s.budget_wait):
-                return busy
-            reserved = declared
-        try:
-            async with asyncio.timeout(s.body_timeout):
-                if declared is not None:
-                    body = bytearray(declared)
-                    view = memoryview(body)
-                    filled = 0
-                    head = _header_length(request, declared) if peek else 0
-                    while filled < declared:
-                        want = head - filled if filled < head else declared - filled
-                        chunk = await request.content.read(min(CHUNK, want))
-                        if not chunk:
-                            break
-                        view[filled : filled + len(chunk)] = chunk
-                        filled += len(chunk)
-                        if head and filled == head and peek is not None:
-                            early = peek(view[:head])
-                            if early is not None:
-                                view.release()
-                                self.budget.release(reserved)
-                                return early  # aiohttp discards the unread rest
-                    view.release()
-                    if filled != declared:
-                        self.budget.release(reserved)
-                        return _error(400, "the body ended before its declared Content-Length")
-                    return body, reserved
-                body = bytearray()
-                async for chunk in request.content.iter_chunked(CHUNK):
-                    if len(body) + len(chunk) > s.max_request_bytes:
-                        self.budget.release(reserved)
-                        response = _error(
-                            413,
-                            f"request body is larger than this gateway accepts "
-                            f"({s.max_request_bytes} bytes, [gateways.http] max_request_bytes)",
-                        )
-                        response.force_close()
-                        return response
-                    if not await self.budget.acquire(len(chunk), s.budget_wait):
-                        self.budget.release(reserved)
-                        return busy
-                    reserved += len(chunk)
-                    body += chunk
-                return body, reserved
-        except TimeoutError:
-            self.budget.release(reserved)
-            response = _error(
-                408,
-                f"request body not received within {s.body_timeout:g} s "
-                "([gateways.http] body_timeout)",
-            )
-            response.force_close()
-            return response
-        except BaseException:
-            self.budget.release(reserved)
-            raise
+        return web.Response(status=status, body=data, content_type="application/json")
 
     def _early_answer(self, model: str, header: memoryview) -> web.Response | None:
         """504 at once for a deadline this model has never been answered within."""
@@ -529,7 +287,7 @@ class HttpGateway(Gateway):
             return None  # the full parser says what is wrong
         if isinstance(timeout, int) and timeout > 0:
             if self.service.would_time_out(model, timeout / 1e6):
-                return _error(
+                return error(
                     504,
                     f"request timed out: model '{model}' has not answered within "
                     f"{timeout / 1e3:g} ms recently (the caller's deadline)",
@@ -538,7 +296,9 @@ class HttpGateway(Gateway):
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
         model = self._known(request)
-        read = await self._read_body(request, peek=lambda head: self._early_answer(model, head))
+        read = await read_body(
+            request, self.settings, self.budget, peek=lambda head: self._early_answer(model, head)
+        )
         if isinstance(read, web.StreamResponse):
             return read
         body, reserved = read
@@ -553,15 +313,6 @@ class HttpGateway(Gateway):
         for key, value in out_headers.items():
             resp.headers[key] = value
         return resp
-
-
-def _header_length(request: web.Request, declared: int) -> int:
-    """The declared JSON header length when it is plausible, else 0 (no early look)."""
-    raw = request.headers.get(HEADER_LEN, "")
-    if not raw.isdigit() or len(raw) > 9:
-        return 0
-    value = int(raw)
-    return value if 0 < value <= min(declared, 1 << 20) else 0
 
 
 def _summary(status: dict[str, Any]) -> dict[str, Any]:
@@ -586,4 +337,4 @@ def _summary(status: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-__all__ = ["BodyBudget", "HttpGateway", "Tokens"]
+__all__ = ["HttpGateway"]

@@ -17,6 +17,7 @@ Triton model, exactly once, with bioimageio.core's own implementations).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from . import tensorcheck
 from .errors import InvalidInputError, ModelError
+from .util import WEIGHT_FORMATS, find_rdf
 
-RDF_NAMES = ("bioimageio.yaml", "rdf.yaml")
-"""File names of a package's description, in the order they are looked for."""
-
-WEIGHT_FORMAT_PREFERENCE = ("onnx", "torchscript", "pytorch_state_dict")
-"""Weight formats BioEngine can serve, most preferred first."""
+WEIGHT_FORMAT_PREFERENCE = WEIGHT_FORMATS
+"""Weight formats BioEngine can serve, most preferred first (`util.WEIGHT_FORMATS`)."""
 
 _AXIS_LETTERS_04 = {
     "b": "batch",
@@ -93,24 +93,6 @@ class ModelPackage:
     def format_version(self) -> str:
         """The package's bioimage.io format version as written in its description."""
         return str(self.rdf.get("format_version", self.descr.format_version))
-
-
-def find_rdf(folder: Path) -> Path:
-    """Return the description file of a package folder (or the file itself)."""
-    folder = Path(folder)
-    if folder.is_file():
-        return folder
-    if not folder.is_dir():
-        raise ModelError(f"model package not found: {folder}")
-    for name in RDF_NAMES:
-        if (folder / name).is_file():
-            return folder / name
-    found = sorted(folder.glob("*.bioimageio.yaml"))
-    if found:
-        return found[0]
-    raise ModelError(
-        f"{folder} is not a bioimage.io model package: no {' or '.join(RDF_NAMES)} in it"
-    )
 
 
 def safe_model_name(text: str) -> str:
@@ -343,53 +325,10 @@ def _spec_v04(t: Any, all_inputs: Any) -> TensorSpec:
 
 def check_tensor(model_id: str, spec: TensorSpec, shape: tuple[int, ...], dtype: str) -> None:
     """Raise InvalidInputError unless `shape`/`dtype` are valid for the input `spec`."""
-    expected = _describe_expected(spec)
-    got = f"got shape {list(shape)} dtype {dtype}"
-    prefix = f"model '{model_id}': input '{spec.id}'"
-    if dtype != spec.dtype:
-        raise InvalidInputError(f"{prefix} has the wrong dtype: expected {expected}, {got}")
-    if len(shape) != len(spec.shape):
-        raise InvalidInputError(
-            f"{prefix} has {len(shape)} dimensions, expected {len(spec.shape)}: "
-            f"expected {expected}, {got}"
-        )
-    for i, size in enumerate(shape):
-        fixed = spec.shape[i]
-        axis = spec.axes[i]
-        if fixed >= 0 and size != fixed:
-            raise InvalidInputError(
-                f"{prefix} axis '{axis}' must have size {fixed}: expected {expected}, {got}"
-            )
-        mn = spec.min_shape[i] if i < len(spec.min_shape) else 1
-        st = spec.step[i] if i < len(spec.step) else 0
-        if fixed < 0 and size < mn:
-            raise InvalidInputError(
-                f"{prefix} axis '{axis}' must have size >= {mn}: expected {expected}, {got}"
-            )
-        if fixed < 0 and st > 0 and (size - mn) % st:
-            raise InvalidInputError(
-                f"{prefix} axis '{axis}' must have size {mn} + k*{st}: expected {expected}, {got}"
-            )
-
-
-def _describe_expected(spec: TensorSpec) -> str:
-    """Human-readable expected shape, e.g. "[batch, 1, 64+k*16, 64+k*16] float32"."""
-    parts = []
-    for i, size in enumerate(spec.shape):
-        if size >= 0:
-            parts.append(str(size))
-            continue
-        mn = spec.min_shape[i] if i < len(spec.min_shape) else 1
-        st = spec.step[i] if i < len(spec.step) else 0
-        if spec.axes[i] == "batch":
-            parts.append("batch")
-        elif st:
-            parts.append(f"{mn}+k*{st}")
-        elif mn > 1:
-            parts.append(f">={mn}")
-        else:
-            parts.append("any")
-    return f"shape [{', '.join(parts)}] (axes {','.join(spec.axes)}) dtype {spec.dtype}"
+    try:
+        tensorcheck.check_tensor(model_id, dataclasses.asdict(spec), shape, dtype)
+    except tensorcheck.InputProblem as exc:
+        raise InvalidInputError(str(exc)) from None
 
 
 def validate_inputs(pkg: ModelPackage, inputs: dict[str, np.ndarray]) -> None:

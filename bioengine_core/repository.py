@@ -29,38 +29,23 @@ import json
 import shutil
 import site
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from .errors import ModelError
 from .modelpkg import (
-    WEIGHT_FORMAT_PREFERENCE,
     ModelPackage,
     TensorSpec,
     has_processing,
     safe_model_name,
 )
+from .pbtxt import TRITON_DTYPES, render_config
+from .util import WEIGHT_FORMATS
 
-TRITON_DTYPES = {
-    "bool": "TYPE_BOOL",
-    "uint8": "TYPE_UINT8",
-    "uint16": "TYPE_UINT16",
-    "uint32": "TYPE_UINT32",
-    "uint64": "TYPE_UINT64",
-    "int8": "TYPE_INT8",
-    "int16": "TYPE_INT16",
-    "int32": "TYPE_INT32",
-    "int64": "TYPE_INT64",
-    "float16": "TYPE_FP16",
-    "float32": "TYPE_FP32",
-    "float64": "TYPE_FP64",
-}
-"""numpy dtype name -> Triton config data_type."""
-
-PYTHON_WEIGHT_FORMATS = ("onnx", "torchscript", "pytorch_state_dict")
-"""Weight formats the generated python-backend model can run."""
+PYTHON_WEIGHT_FORMATS = WEIGHT_FORMATS
+"""Weight formats the generated python-backend model can run (all that BioEngine serves)."""
 
 NATIVE_BACKENDS = {"onnx": "onnxruntime", "torchscript": "pytorch"}
 """Weight format -> Triton backend (directory name) that runs it natively."""
@@ -68,6 +53,8 @@ NATIVE_BACKENDS = {"onnx": "onnxruntime", "torchscript": "pytorch"}
 _PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "pytorch": "pytorch_libtorch"}
 _NATIVE_FILES = {"onnxruntime": "model.onnx", "pytorch": "model.pt"}
 TEMPLATE = "triton_python_model.py"
+CHECKER = "bioengine_tensorcheck.py"
+"""`tensorcheck.py` as the generated model.py imports it (it checks request tensors)."""
 SETTINGS_FILE = "bioengine_model.json"
 
 
@@ -110,7 +97,7 @@ def choose_weight_format(pkg: ModelPackage, supported: Sequence[str], wanted: st
                 f"(servable: {', '.join(supported)})"
             )
         return wanted
-    for wf in WEIGHT_FORMAT_PREFERENCE:
+    for wf in WEIGHT_FORMATS:
         if wf in pkg.weight_formats and wf in supported:
             return wf
     raise ModelError(
@@ -205,81 +192,6 @@ def _dtype(pkg: ModelPackage, spec: TensorSpec) -> str:
         ) from None
 
 
-def _io_block(kind: str, entries: Sequence[tuple[str, str, list[int]]]) -> list[str]:
-    """Render an `input [...]`/`output [...]` block."""
-    lines = [f"{kind} ["]
-    for i, (nm, dtype, dims) in enumerate(entries):
-        lines += [
-            "  {",
-            f"    name: {json.dumps(nm)}",
-            f"    data_type: {dtype}",
-            f"    dims: [ {', '.join(str(d) for d in dims)} ]",
-            "  }" + ("," if i < len(entries) - 1 else ""),
-        ]
-    return [*lines, "]"]
-
-
-def _instance_group(gpus: Sequence[int] | None) -> list[str]:
-    if gpus:
-        return [
-            "instance_group [",
-            "  {",
-            "    count: 1",
-            "    kind: KIND_GPU",
-            f"    gpus: [ {', '.join(str(int(g)) for g in gpus)} ]",
-            "  }",
-            "]",
-        ]
-    return ["instance_group [", "  {", "    count: 1", "    kind: KIND_CPU", "  }", "]"]
-
-
-def render_config(
-    name: str,
-    *,
-    backend: str | None = None,
-    platform: str | None = None,
-    max_batch_size: int,
-    inputs: Sequence[tuple[str, str, list[int]]],
-    outputs: Sequence[tuple[str, str, list[int]]],
-    dynamic_batching: bool,
-    gpus: Sequence[int] | None = None,
-    ensemble_steps: Sequence[tuple[str, dict[str, str], dict[str, str]]] = (),
-    parameters: dict[str, str] | None = None,
-) -> str:
-    """The text of a config.pbtxt (protobuf text format of Triton's ModelConfig)."""
-    lines = [f"name: {json.dumps(name)}"]
-    if backend:
-        lines.append(f"backend: {json.dumps(backend)}")
-    if platform:
-        lines.append(f"platform: {json.dumps(platform)}")
-    lines.append(f"max_batch_size: {max_batch_size}")
-    lines += _io_block("input", inputs)
-    lines += _io_block("output", outputs)
-    if ensemble_steps:
-        lines += ["ensemble_scheduling {", "  step ["]
-        for i, (model, in_map, out_map) in enumerate(ensemble_steps):
-            lines += ["    {", f"      model_name: {json.dumps(model)}", "      model_version: -1"]
-            for key, value in in_map.items():
-                lines.append(
-                    f"      input_map {{ key: {json.dumps(key)} value: {json.dumps(value)} }}"
-                )
-            for key, value in out_map.items():
-                lines.append(
-                    f"      output_map {{ key: {json.dumps(key)} value: {json.dumps(value)} }}"
-                )
-            lines.append("    }" + ("," if i < len(ensemble_steps) - 1 else ""))
-        lines += ["  ]", "}"]
-    else:
-        if dynamic_batching:
-            lines += ["dynamic_batching {", "}"]
-        lines += _instance_group(gpus)
-    for key, value in (parameters or {}).items():
-        lines.append(
-            f"parameters {{ key: {json.dumps(key)} value: {{ string_value: {json.dumps(value)} }} }}"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def _fresh_dir(path: Path) -> Path:
     """An empty directory at `path` (an earlier build of the same model is replaced)."""
     if path.exists():
@@ -318,6 +230,8 @@ def _build_python(
     shutil.copytree(pkg.root, version / "package")
     template = resources.files("bioengine_core") / "templates" / TEMPLATE
     (version / "model.py").write_text(template.read_text(encoding="utf-8"), encoding="utf-8")
+    checker = resources.files("bioengine_core") / "tensorcheck.py"
+    (version / CHECKER).write_text(checker.read_text(encoding="utf-8"), encoding="utf-8")
     settings = {
         "model_id": pkg.id,
         "triton_name": name,
@@ -364,18 +278,18 @@ def _onnx_io(path: Path) -> tuple[list[str], list[str], list[object]]:
     return [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()], leading
 
 
-def _build_native(
-    pkg: ModelPackage,
-    dest: Path,
-    name: str,
-    backend: str,
-    weight_format: str,
-    max_batch_size: int,
-    gpus: Sequence[int] | None,
-) -> BuiltModel:
-    """Native model `<name>__<backend>` with the weights, behind an ensemble `<name>` that renames."""
-    weights = getattr(pkg.descr.weights, weight_format)
-    source = pkg.root / str(weights.source)
+@dataclass
+class _NativeIO:
+    """How the weights name their tensors and whether they take a batch of any size."""
+
+    inputs: list[str]
+    outputs: list[str]
+    graph_batches: bool
+    fixed_batch: int | None
+
+
+def _native_io(pkg: ModelPackage, backend: str, weight_format: str, source: Path) -> _NativeIO:
+    """Tensor names and batch behaviour of native weights, checked against the description."""
     if backend == "onnxruntime":
         in_names, out_names, leading = _onnx_io(source)
         graph_batches = all(isinstance(d, str) or d is None or d == -1 for d in leading)
@@ -389,17 +303,31 @@ def _build_native(
             f"model '{pkg.id}': the {weight_format} weights have {len(in_names)} inputs and "
             f"{len(out_names)} outputs, the description {len(pkg.inputs)} and {len(pkg.outputs)}"
         )
-    batched = _batching([*pkg.inputs, *pkg.outputs]) and max_batch_size > 0 and graph_batches
-    mbs = max_batch_size if batched else 0
-
     fixed_batch = min((s.batch_size for s in pkg.inputs if s.batch_size), default=None)
     if backend == "onnxruntime" and not graph_batches:
         fixed_batch = next((d for d in leading if isinstance(d, int) and d > 0), fixed_batch)
+    return _NativeIO(in_names, out_names, graph_batches, fixed_batch)
+
+
+def _build_native(
+    pkg: ModelPackage,
+    dest: Path,
+    name: str,
+    backend: str,
+    weight_format: str,
+    max_batch_size: int,
+    gpus: Sequence[int] | None,
+) -> BuiltModel:
+    """Native model `<name>__<backend>` with the weights, behind an ensemble `<name>` that renames."""
+    source = pkg.root / str(getattr(pkg.descr.weights, weight_format).source)
+    io = _native_io(pkg, backend, weight_format, source)
+    batched = _batching([*pkg.inputs, *pkg.outputs]) and max_batch_size > 0 and io.graph_batches
+    mbs = max_batch_size if batched else 0
 
     def dims(spec: TensorSpec) -> list[int]:
         d = _dims(spec, batched)
-        if not batched and spec.has_batch and fixed_batch:
-            d[spec.batch_index] = fixed_batch  # weights with a fixed batch size
+        if not batched and spec.has_batch and io.fixed_batch:
+            d[spec.batch_index] = io.fixed_batch  # weights with a fixed batch size
         return d
 
     inner = f"{name}__{backend}"
@@ -410,15 +338,35 @@ def _build_native(
         inner,
         platform=_PLATFORMS[backend],
         max_batch_size=mbs,
-        inputs=[(n, _dtype(pkg, s), dims(s)) for n, s in zip(in_names, pkg.inputs, strict=False)],
+        inputs=[(n, _dtype(pkg, s), dims(s)) for n, s in zip(io.inputs, pkg.inputs, strict=False)],
         outputs=[
-            (n, _dtype(pkg, s), dims(s)) for n, s in zip(out_names, pkg.outputs, strict=False)
+            (n, _dtype(pkg, s), dims(s)) for n, s in zip(io.outputs, pkg.outputs, strict=False)
         ],
         dynamic_batching=batched,
         gpus=gpus,
     )
     (inner_dir / "config.pbtxt").write_text(inner_text, encoding="utf-8")
+    outer_dir = _write_ensemble(pkg, dest, name, inner, io, mbs, dims)
+    return BuiltModel(
+        name=name,
+        backend=backend,
+        weight_format=weight_format,
+        path=outer_dir,
+        composing=[inner],
+        max_batch_size=mbs,
+    )
 
+
+def _write_ensemble(
+    pkg: ModelPackage,
+    dest: Path,
+    name: str,
+    inner: str,
+    io: _NativeIO,
+    mbs: int,
+    dims: Callable[[TensorSpec], list[int]],
+) -> Path:
+    """The ensemble `<name>` that maps the description's tensor ids to the weights' names."""
     outer_dir = _fresh_dir(dest / name)
     (outer_dir / "1").mkdir()  # Triton wants a version directory for ensembles too
     outer_text = render_config(
@@ -431,17 +379,10 @@ def _build_native(
         ensemble_steps=[
             (
                 inner,
-                {n: s.id for n, s in zip(in_names, pkg.inputs, strict=False)},
-                {n: s.id for n, s in zip(out_names, pkg.outputs, strict=False)},
+                {n: s.id for n, s in zip(io.inputs, pkg.inputs, strict=False)},
+                {n: s.id for n, s in zip(io.outputs, pkg.outputs, strict=False)},
             )
         ],
     )
     (outer_dir / "config.pbtxt").write_text(outer_text, encoding="utf-8")
-    return BuiltModel(
-        name=name,
-        backend=backend,
-        weight_format=weight_format,
-        path=outer_dir,
-        composing=[inner],
-        max_batch_size=mbs,
-    )
+    return outer_dir

@@ -292,7 +292,7 @@ class Router:
                     method, path, body=body, headers=headers, timeout=remaining
                 )
                 route.last_answer = time.monotonic()
-                if status in (502, 503) and b"not ready" in data.lower():
+                if _replica_unwell(status, data):
                     raise ConnectionError(f"replica {route.replica_id} not ready")
                 out_headers = {name: got[key] for key, name in PASSED_HEADERS if key in got}
                 if status == 200 and verify is not None:
@@ -363,6 +363,14 @@ class Router:
             data, header_length=int(header_length) if header_length else None
         )
         return {name: result.as_numpy(name) for name in outputs}
+
+
+def _replica_unwell(status: int, data: bytes) -> bool:
+    """An answer that says the replica (not the request) is broken: worth another replica."""
+    if status not in (500, 502, 503):
+        return False
+    text = data[:2000].lower()
+    return b"not ready" in text or b"is not healthy" in text or b"stub process" in text
 
 
 def error_message(data: bytes) -> str:

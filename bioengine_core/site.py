@@ -53,7 +53,8 @@ def load_site(
     kind = config.executor.record.name
     if executor_kind is not None and kind != executor_kind:
         raise ConfigError(
-            f"{path}: [executor] key 'kind' = {kind!r}; this command needs kind = {executor_kind!r}"
+            f"{path}: [executor] kind = {kind!r}; "
+            f'`bioengine {executor_kind}` needs kind = "{executor_kind}"'
         )
     context = config.context()
     executor: Any = config.executor.record.factory(

@@ -8,19 +8,7 @@ from pathlib import Path
 
 from .contracts import BackendContext, BackendSettings, ModelSource
 from .errors import ModelError
-
-RDF_NAMES = ("bioimageio.yaml", "rdf.yaml")
-
-
-def find_rdf(folder: Path) -> Path:
-    """The package's description file inside `folder`; ModelError if there is none."""
-    for name in RDF_NAMES:
-        if (folder / name).is_file():
-            return folder / name
-    candidates = sorted(folder.glob("*.bioimageio.yaml"))
-    if candidates:
-        return candidates[0]
-    raise ModelError(f"{folder} holds no bioimage.io description ({' or '.join(RDF_NAMES)})")
+from .util import find_rdf
 
 
 def split_ref(ref: str) -> tuple[str, str]:

@@ -73,9 +73,9 @@ def find_triton(binary: str | None = None) -> TritonInstall:
     root = _pytriton_root()
     if root is None:
         raise ExecutorError(
-            "no tritonserver found: put it on PATH, set [executor] triton_binary, or "
-            "`pip install 'bioengine-executor-local[triton]'` (ships a CPU Triton with the "
-            'python backend), or use mode = "container"'
+            "no tritonserver found: put it on PATH, pass its path to find_triton() (your "
+            "executor's setting for the binary), or `pip install nvidia-pytriton` (ships a CPU "
+            "Triton with the python backend), or run Triton in a container"
         )
     return _describe(root / "bin" / "tritonserver")
 

@@ -10,11 +10,9 @@ import pytest
 from core_helpers import ROOT
 
 
-@pytest.fixture(scope="session")
-def thirdparty_site(tmp_path_factory) -> Path:
-    """The test-only third-party plugin, really installed (pip --target) into a temp dir."""
-    target = tmp_path_factory.mktemp("thirdparty")
-    src = ROOT / "tests" / "fixtures" / "thirdparty_plugin"
+def _install(tmp_path_factory, fixture: str) -> Path:
+    """Really install a test-only plugin from tests/fixtures (pip --target) into a temp dir."""
+    target = tmp_path_factory.mktemp(fixture)
     build = tmp_path_factory.mktemp("build")
     subprocess.run(
         [
@@ -27,7 +25,7 @@ def thirdparty_site(tmp_path_factory) -> Path:
             "--no-build-isolation",
             "--target",
             str(target),
-            str(src),
+            str(ROOT / "tests" / "fixtures" / fixture),
         ],
         check=True,
         capture_output=True,
@@ -35,3 +33,15 @@ def thirdparty_site(tmp_path_factory) -> Path:
         timeout=300,
     )
     return target
+
+
+@pytest.fixture(scope="session")
+def thirdparty_site(tmp_path_factory) -> Path:
+    """The test-only third-party executor plugin, installed into a temp dir."""
+    return _install(tmp_path_factory, "thirdparty_plugin")
+
+
+@pytest.fixture(scope="session")
+def contract_gateway_site(tmp_path_factory) -> Path:
+    """The test-only gateway that uses the Service contract alone, installed into a temp dir."""
+    return _install(tmp_path_factory, "contract_gateway")

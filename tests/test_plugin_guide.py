@@ -115,7 +115,7 @@ def test_guide_code_blocks_match_example_files() -> None:
 
 def test_guide_names_the_core_contracts() -> None:
     """The guide covers the records, contracts, helpers, errors and test suites by name."""
-    from bioengine_core import contracts, errors
+    from bioengine_core import contracts, errors, util
 
     text = GUIDE.read_text()
     names = [
@@ -134,7 +134,15 @@ def test_guide_names_the_core_contracts() -> None:
         "require_service",
         "BIOENGINE_DISABLE_PLUGINS",
     ]
-    for cls in (contracts.Executor, contracts.Storage, contracts.ModelSource, contracts.Gateway):
+    names += ["backend_dir", "start_process", "allow_env", "load_site", "unsatisfiable"]
+    names += list(util.__all__)
+    for cls in (
+        contracts.Executor,
+        contracts.Storage,
+        contracts.ModelSource,
+        contracts.Gateway,
+        contracts.Service,
+    ):
         names += [n for n, f in vars(cls).items() if callable(f) and not n.startswith("_")]
     names += [n for n, c in vars(errors).items() if isinstance(c, type) and n.endswith("Error")]
     absent = sorted({n for n in names if f"{n}" not in text})

@@ -41,47 +41,13 @@ MODEL_ID = SETTINGS.get("triton_name") or SETTINGS["model_id"]
 """The name clients use for this model; every error message names it."""
 
 
-class InputProblem(Exception):
-    """A request tensor does not fit the model; the message names the model and the tensor."""
-
-
-def _expected(spec):
-    """Human-readable expected shape and dtype of a tensor spec."""
-    parts = []
-    for i, size in enumerate(spec["shape"]):
-        mn, st = spec["min_shape"][i], spec["step"][i]
-        if size >= 0:
-            parts.append(str(size))
-        elif spec["axes"][i] == "batch":
-            parts.append("batch")
-        elif st:
-            parts.append(f"{mn}+k*{st}")
-        elif mn > 1:
-            parts.append(f">={mn}")
-        else:
-            parts.append("any")
-    return f"shape [{', '.join(parts)}] (axes {','.join(spec['axes'])}) dtype {spec['dtype']}"
+sys.path.insert(0, _HERE)  # bioengine_tensorcheck.py, copied next to this file
+from bioengine_tensorcheck import InputProblem, check_tensor  # noqa: E402
 
 
 def _check(spec, arr):
     """Raise InputProblem unless `arr` is valid for the input `spec` (dtype, ndim, sizes)."""
-    prefix = f"model '{MODEL_ID}': input '{spec['id']}'"
-    got = f"got shape {list(arr.shape)} dtype {arr.dtype.name}"
-    if arr.dtype.name != spec["dtype"]:
-        raise InputProblem(f"{prefix} has the wrong dtype: expected {_expected(spec)}, {got}")
-    if arr.ndim != len(spec["shape"]):
-        raise InputProblem(
-            f"{prefix} has the wrong number of dimensions: expected {_expected(spec)}, {got}"
-        )
-    for i, size in enumerate(arr.shape):
-        fixed, mn, st = spec["shape"][i], spec["min_shape"][i], spec["step"][i]
-        bad = (fixed >= 0 and size != fixed) or (
-            fixed < 0 and (size < mn or (st and (size - mn) % st))
-        )
-        if bad:
-            raise InputProblem(
-                f"{prefix} axis '{spec['axes'][i]}' has an invalid size {size}: expected {_expected(spec)}, {got}"
-            )
+    check_tensor(MODEL_ID, spec, arr.shape, arr.dtype.name)
 
 
 class TritonPythonModel:

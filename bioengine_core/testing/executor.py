@@ -205,6 +205,23 @@ class ExecutorConformance:
         sa, sb = self.wait_ready(executor, a.replica_id), self.wait_ready(executor, b.replica_id)
         assert sa.url != sb.url, f"both replicas report url {sa.url}"
 
+    def test_methods_may_run_concurrently(self, executor, launch, spec) -> None:
+        """The engine calls executor methods from several threads at once: two starts and the
+        status of a running replica at the same time give distinct, consistent answers."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        first = launch(spec)
+        with ThreadPoolExecutor(4) as pool:
+            starts = [pool.submit(launch, spec) for _ in range(2)]
+            polls = [pool.submit(executor.status, first.replica_id) for _ in range(4)]
+            started = [f.result() for f in starts]
+            polled = [f.result() for f in polls]
+        ids = {first.replica_id, *(s.replica_id for s in started)}
+        assert len(ids) == 3, f"concurrent start() calls returned the same id: {ids}"
+        assert all(p.replica_id == first.replica_id and p.state.alive for p in polled), polled
+        for status in started:
+            self.wait_ready(executor, status.replica_id)
+
     def test_logs_returns_text(self, executor, launch, spec) -> None:
         """logs() of a running replica returns a string (possibly empty while starting)."""
         replica = launch(spec)
@@ -307,6 +324,7 @@ class ManagedExecutorConformance(ExecutorConformance):
     test_list_omits_stopped_replicas = None
     test_restarted_executor_adopts_running_replicas = None
     test_stop_stops_and_is_idempotent = None
+    test_methods_may_run_concurrently = None
 
     # ------------------------------------------------------------------ tests: scale()
 

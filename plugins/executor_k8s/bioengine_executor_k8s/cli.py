@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from bioengine_core.contracts import BackendContext, ReplicaSpec
 from bioengine_core.errors import BioEngineError, ConfigError
+from bioengine_core.site import Site, load_site
 
 from . import manifests
-from .settings import K8sSettings
+
+if TYPE_CHECKING:
+    from .executor import K8sExecutor
 
 k8s_app = typer.Typer(help="Kubernetes executor: manifests and teardown.", no_args_is_help=True)
 
@@ -21,20 +25,22 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def load_site(config: Path, models: list[str]) -> tuple[K8sSettings, BackendContext, ReplicaSpec]:
-    """The executor settings, context and replica spec `bioengine serve --config` would use."""
-    from bioengine_core.config import load_config
+@contextmanager
+def _exit_on_error() -> Iterator[None]:
+    """A ConfigError exits 2 listing its problems; another BioEngineError exits 1 with it."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise _fail("invalid configuration:\n  - " + "\n  - ".join(exc.problems)) from None
+    except BioEngineError as exc:
+        raise _fail(str(exc), 1) from None
 
-    cfg = load_config(config)
-    if cfg.executor.record.name != "k8s":
-        raise ConfigError(
-            f"{config}: [executor] kind = {cfg.executor.record.name!r}; "
-            '`bioengine k8s` needs kind = "k8s"'
-        )
-    context = cfg.context()
-    storage = cfg.storage.record.factory(settings=cfg.storage.settings, context=context)
-    spec = cfg.replica_spec(storage.location(), models or [m.id for m in cfg.models if m.id])
-    return cfg.executor.settings, context, spec
+
+def open_site(config: Path) -> tuple[Site, K8sExecutor]:
+    """The site `bioengine serve --config` would build, and its k8s executor (nothing applied)."""
+    site = load_site(config, executor_kind="k8s")
+    executor: K8sExecutor = site.executor  # type: ignore[assignment]
+    return site, executor
 
 
 @k8s_app.command("manifest")
@@ -47,13 +53,14 @@ def manifest(
     replicas: Annotated[int, typer.Option(help="replicas in the rendered Deployment.")] = 1,
 ) -> None:
     """Print the Secret (values redacted), Deployment and Service as YAML; needs no cluster."""
-    try:
-        settings, _, spec = load_site(config, list(model or []))
-        text = manifests.to_yaml(manifests.render_all(settings, spec, replicas=replicas))
-    except ConfigError as exc:
-        raise _fail("invalid configuration:\n  - " + "\n  - ".join(exc.problems)) from None
-    except BioEngineError as exc:
-        raise _fail(str(exc), 1) from None
+    with _exit_on_error():
+        site, executor = open_site(config)
+        try:
+            spec = site.spec(list(model or []) or site.configured_model_ids)
+            docs = manifests.render_all(executor.settings, spec, replicas=replicas)
+        finally:
+            executor.close()
+        text = manifests.to_yaml(docs)
     typer.echo(text, nl=False)
 
 
@@ -62,15 +69,11 @@ def delete(
     config: Annotated[Path, typer.Option("--config", "-c", help="Path to site.toml.")],
 ) -> None:
     """Delete the deployment's Deployment, Service, Secret and one-off pods from the cluster."""
-    from .executor import K8sExecutor
-
-    try:
-        settings, context, spec = load_site(config, [])
-        executor = K8sExecutor(settings, context)
-        executor.delete(spec.deployment)
-        executor.close()
-    except ConfigError as exc:
-        raise _fail("invalid configuration:\n  - " + "\n  - ".join(exc.problems)) from None
-    except BioEngineError as exc:
-        raise _fail(str(exc), 1) from None
-    typer.echo(f"deleted the objects of deployment {spec.deployment!r} in {settings.namespace}")
+    with _exit_on_error():
+        site, executor = open_site(config)
+        deployment = site.config.engine.name
+        try:
+            executor.delete(deployment)
+        finally:
+            executor.close()
+    typer.echo(f"deleted the objects of deployment {deployment!r} in {executor.ns}")

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 from datetime import datetime
+from functools import cached_property
 from typing import Any, ClassVar
 
 import urllib3
@@ -28,11 +29,14 @@ from bioengine_core.contracts import (
     ReplicaStatus,
 )
 from bioengine_core.errors import ExecutorError
+from bioengine_core.util import DEPLOYMENT_LABEL, url_host
 
 from . import manifests as m
 from .settings import K8sSettings
 
 MERGE_PATCH = "application/merge-patch+json"
+_RAISE: Any = object()
+"""`_call(..., if_absent=_RAISE)`: a 404 answer is an error like any other."""
 
 # Container waiting reasons that need an operator (the kubelet keeps retrying them).
 _STUCK = {
@@ -93,11 +97,37 @@ class K8sExecutor(Executor):
         self.settings = settings
         self.context = context
         self.log = context.logger.getChild("k8s")
-        self._api = api_client or make_api_client(settings, context)
-        self.core = k8s.CoreV1Api(self._api)
-        self.apps = k8s.AppsV1Api(self._api)
         self.ns = settings.namespace
         self._timeout = settings.request_timeout
+        self._client = api_client
+        self._client_error: ExecutorError | None = None
+        if api_client is None:
+            try:
+                self._client = make_api_client(settings, context)
+            except ExecutorError as exc:
+                if settings.kubeconfig or settings.in_cluster:
+                    raise  # credentials the operator named must work from the start
+                # None named and none found: previews (`bioengine k8s manifest`) need no
+                # cluster; the first API request reports the error.
+                self._client_error = exc
+
+    @property
+    def _api(self) -> k8s.ApiClient:
+        """The API client; ExecutorError when no credentials could be loaded."""
+        if self._client is None:
+            assert self._client_error is not None
+            raise ExecutorError(str(self._client_error)) from self._client_error.__cause__
+        return self._client
+
+    @cached_property
+    def core(self) -> k8s.CoreV1Api:
+        """The core/v1 API (pods, services, secrets)."""
+        return k8s.CoreV1Api(self._api)
+
+    @cached_property
+    def apps(self) -> k8s.AppsV1Api:
+        """The apps/v1 API (deployments and their scale)."""
+        return k8s.AppsV1Api(self._api)
 
     # ------------------------------------------------------------------ rendering
     def preview(self, spec: ReplicaSpec) -> str:
@@ -108,29 +138,39 @@ class K8sExecutor(Executor):
         """What the configured image provides (setting `triton_backends`)."""
         return list(self.settings.triton_backends)
 
-    def replica_gpus(self) -> list[int]:
-        """GPU indices as Triton sees them inside each pod (the device plugin numbers from 0)."""
+    def replica_gpus(self) -> list[int] | None:
+        """GPU indices as Triton sees them inside each pod (the device plugin numbers from 0);
+        `[]` with `gpus = 0`. The `Executor.replica_gpus` contract: the core sets
+        `ReplicaSpec.gpus` from it."""
         return list(range(self.settings.gpus))
 
     # ------------------------------------------------------------------ applying objects
-    def _call(self, action: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _call(
+        self, action: str, fn: Any, *args: Any, if_absent: Any = _RAISE, **kwargs: Any
+    ) -> Any:
+        """`fn(*args, **kwargs)` within the request timeout; failures as ExecutorError naming
+        `action`. A 404 answer returns `if_absent` when one is given."""
         kwargs.setdefault("_request_timeout", self._timeout)
         try:
             return fn(*args, **kwargs)
-        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+        except ApiException as exc:
+            if exc.status == 404 and if_absent is not _RAISE:
+                return if_absent
+            raise _api_error(action, exc) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise _api_error(action, exc) from exc
 
     def _read(self, what: str, fn: Any, name: str) -> Any | None:
         """Read an object as a plain dict (None when absent)."""
-        try:
-            resp = fn(name, self.ns, _preload_content=False, _request_timeout=self._timeout)
-            return json.loads(resp.data)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise _api_error(f"read {what} {self.ns}/{name}", exc) from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise _api_error(f"read {what} {self.ns}/{name}", exc) from exc
+        resp = self._call(
+            f"read {what} {self.ns}/{name}",
+            fn,
+            name,
+            self.ns,
+            _preload_content=False,
+            if_absent=None,
+        )
+        return None if resp is None else json.loads(resp.data)
 
     def _apply(
         self,
@@ -161,6 +201,20 @@ class K8sExecutor(Executor):
             obj = self._call(f"create {what} {self.ns}/{name}", create, self.ns, body)
             self.log.info("created %s %s/%s", what, self.ns, name)
             return self._api.sanitize_for_serialization(obj), "created"
+        self._check_ours(what, name, current)
+        if check is not None:
+            check(current)
+        diff = _patch_for(current, ours, text, secret_values)
+        if diff is None:
+            return current, "unchanged"
+        obj = self._call(
+            f"update {what} {self.ns}/{name}", patch, name, self.ns, diff, _content_type=MERGE_PATCH
+        )
+        self.log.info("updated %s %s/%s", what, self.ns, name)
+        return self._api.sanitize_for_serialization(obj), "updated"
+
+    def _check_ours(self, what: str, name: str, current: dict[str, Any]) -> None:
+        """ExecutorError unless the existing object carries BioEngine's managed-by label."""
         labels = current.get("metadata", {}).get("labels") or {}
         if labels.get(m.MANAGED_BY[0]) != m.MANAGED_BY[1]:
             raise ExecutorError(
@@ -168,23 +222,6 @@ class K8sExecutor(Executor):
                 f"{m.MANAGED_BY[0]}={m.MANAGED_BY[1]} missing): delete or rename it, or set "
                 "[executor] name_prefix"
             )
-        if check is not None:
-            check(current)
-        annotations = current.get("metadata", {}).get("annotations") or {}
-        previous_text = annotations.get(m.LAST_APPLIED)
-        if previous_text == text:
-            return current, "unchanged"
-        previous = _annotate(json.loads(previous_text), previous_text) if previous_text else {}
-        diff = m.merge_patch(previous, ours)
-        if diff is None:
-            return current, "unchanged"
-        if secret_values is not None and "stringData" in diff:
-            _secret_patch(diff, previous, secret_values)
-        obj = self._call(
-            f"update {what} {self.ns}/{name}", patch, name, self.ns, diff, _content_type=MERGE_PATCH
-        )
-        self.log.info("updated %s %s/%s", what, self.ns, name)
-        return self._api.sanitize_for_serialization(obj), "updated"
 
     def _apply_secret(self, spec: ReplicaSpec) -> str | None:
         """Apply the Secret with the storage's environment; None when none is needed."""
@@ -203,19 +240,19 @@ class K8sExecutor(Executor):
         )
         return done
 
-    def ensure_objects(self, spec: ReplicaSpec, *, replicas_on_create: int = 0) -> dict[str, str]:
-        """Create or update the Secret, Service and Deployment of `spec`; what happened to each."""
-        done: dict[str, str] = {}
-        secret = self._apply_secret(spec)
-        if secret is not None:
-            done["secret"] = secret
-        _, done["service"] = self._apply(
+    def _apply_service(self, spec: ReplicaSpec) -> str:
+        """Apply the Service in front of the pods; what happened."""
+        _, done = self._apply(
             "Service",
             m.render_service(self.settings, spec),
             read=self.core.read_namespaced_service,
             create=self.core.create_namespaced_service,
             patch=self.core.patch_namespaced_service,
         )
+        return done
+
+    def _apply_deployment(self, spec: ReplicaSpec, replicas_on_create: int) -> str:
+        """Apply the Deployment; its replica count only when it is created (else: `scale`)."""
         deployment = m.render_deployment(self.settings, spec, replicas_on_create)
         # the replica count is set through the scale subresource (or by an autoscaler)
         del deployment["spec"]["replicas"]
@@ -231,7 +268,7 @@ class K8sExecutor(Executor):
                     f"deployment -n {self.ns} {name}`) and restart"
                 )
 
-        _, done["deployment"] = self._apply(
+        _, done = self._apply(
             "Deployment",
             deployment,
             read=self.apps.read_namespaced_deployment,
@@ -240,6 +277,16 @@ class K8sExecutor(Executor):
             extra_on_create={"spec": {"replicas": replicas_on_create}},
             check=same_selector,
         )
+        return done
+
+    def ensure_objects(self, spec: ReplicaSpec, *, replicas_on_create: int = 0) -> dict[str, str]:
+        """Create or update the Secret, Service and Deployment of `spec`; what happened to each."""
+        done: dict[str, str] = {}
+        secret = self._apply_secret(spec)
+        if secret is not None:
+            done["secret"] = secret
+        done["service"] = self._apply_service(spec)
+        done["deployment"] = self._apply_deployment(spec, replicas_on_create)
         return done
 
     def scale(self, spec: ReplicaSpec, replicas: int) -> None:
@@ -281,15 +328,9 @@ class K8sExecutor(Executor):
                 self.stop(pod["metadata"]["name"], grace=grace)
 
     def _delete(self, what: str, fn: Any, name: str, **kwargs: Any) -> bool:
-        try:
-            fn(name, self.ns, _request_timeout=self._timeout, **kwargs)
-            return True
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise _api_error(f"delete {what} {self.ns}/{name}", exc) from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise _api_error(f"delete {what} {self.ns}/{name}", exc) from exc
+        """Delete one object; False when it was not there."""
+        action = f"delete {what} {self.ns}/{name}"
+        return self._call(action, fn, name, self.ns, if_absent=False, **kwargs) is not False
 
     # ------------------------------------------------------------------ one-off replicas
     def start(self, spec: ReplicaSpec) -> ReplicaStatus:
@@ -313,7 +354,7 @@ class K8sExecutor(Executor):
 
     # ------------------------------------------------------------------ inspecting
     def _pods(self, deployment: str) -> list[dict[str, Any]]:
-        selector = f"{m.DEPLOYMENT_LABEL}={deployment}"
+        selector = f"{DEPLOYMENT_LABEL}={deployment}"
         resp = self._call(
             f"list pods {self.ns} ({selector})",
             self.core.list_namespaced_pod,
@@ -326,7 +367,7 @@ class K8sExecutor(Executor):
         return [
             p
             for p in items
-            if (p.get("metadata", {}).get("labels") or {}).get(m.DEPLOYMENT_LABEL) == deployment
+            if (p.get("metadata", {}).get("labels") or {}).get(DEPLOYMENT_LABEL) == deployment
         ]
 
     def list(self, deployment: str) -> list[ReplicaStatus]:
@@ -388,22 +429,17 @@ class K8sExecutor(Executor):
         if svc is None:
             return None
         if self.settings.service_type == "NodePort":
-            node_port = next(
-                (
-                    p.get("nodePort")
-                    for p in svc["spec"].get("ports", [])
-                    if p.get("name") == "http"
-                ),
-                None,
-            )
-            if node_port and self.settings.node_address:
-                return f"http://{_host(self.settings.node_address)}:{node_port}"
-            return None
-        ingress = ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
-        for entry in ingress:
-            host = entry.get("ip") or entry.get("hostname")
-            if host:
-                return f"http://{_host(host)}:{port}"
+            return self._node_port_url(svc)
+        return _load_balancer_url(svc, port)
+
+    def _node_port_url(self, svc: dict[str, Any]) -> str | None:
+        """`node_address` with the node port of the Service's `http` port."""
+        node_port = next(
+            (p.get("nodePort") for p in svc["spec"].get("ports", []) if p.get("name") == "http"),
+            None,
+        )
+        if node_port and self.settings.node_address:
+            return f"http://{url_host(self.settings.node_address)}:{node_port}"
         return None
 
     def _status_of(
@@ -412,91 +448,110 @@ class K8sExecutor(Executor):
         """Map a pod (as a dict) onto a ReplicaStatus; `urls` caches Service URLs per call."""
         meta = pod.get("metadata") or {}
         st = pod.get("status") or {}
-        name = meta.get("name", "")
         labels = dict(meta.get("labels") or {})
-        phase = st.get("phase") or "Pending"
-        conditions = {c.get("type"): c for c in st.get("conditions") or []}
         containers = {c.get("name"): c for c in st.get("containerStatuses") or []}
         triton = containers.get(m.CONTAINER) or {}
-        restarts = int(triton.get("restartCount") or 0)
-        details: dict[str, Any] = {
-            "namespace": self.ns,
-            "pod": name,
-            "node": (pod.get("spec") or {}).get("nodeName"),
-            "pod_ip": st.get("podIP"),
-            "phase": phase,
-            "restarts": restarts,
-            "kind": labels.get(m.REPLICA_KIND_LABEL, "deployment"),
-        }
-        started = _timestamp_str(st.get("startTime") or meta.get("creationTimestamp"))
-        message = ""
-        ready = (conditions.get("Ready") or {}).get("status") == "True"
+        details = self._details(pod, triton)
+        state, message = _pod_state(meta, st, triton)
         waiting = (triton.get("state") or {}).get("waiting") or {}
-        if meta.get("deletionTimestamp"):
-            state, message = ReplicaState.STOPPING, "pod is being deleted"
-        elif phase in ("Succeeded", "Failed"):
-            state = ReplicaState.FAILED
-            term = (triton.get("state") or {}).get("terminated") or {}
-            message = st.get("reason") or term.get("reason") or phase
-            if st.get("message") or term.get("message"):
-                message += f": {st.get('message') or term.get('message')}"
-            if term.get("exitCode") is not None:
-                message += f" (exit code {term['exitCode']})"
-        elif ready and phase == "Running":
-            state = ReplicaState.READY
-        elif phase == "Running":
-            state = ReplicaState.STARTING
-            message = "Triton is not ready yet"
-        else:
-            state = ReplicaState.PENDING
-            scheduled = conditions.get("PodScheduled") or {}
-            if scheduled.get("status") == "False":
-                message = f"{scheduled.get('reason') or 'Unschedulable'}: {scheduled.get('message') or ''}".strip(
-                    ": "
-                )
-            else:
-                message = "waiting for the container"
         if waiting.get("reason"):
             message = waiting["reason"] + (
                 f": {waiting['message']}" if waiting.get("message") else ""
             )
             if waiting["reason"] in _STUCK:
                 details["stuck"] = waiting["reason"]
-        if restarts and state is not ReplicaState.READY:
-            message += f" ({restarts} restarts)"
+        if details["restarts"] and state is not ReplicaState.READY:
+            message += f" ({details['restarts']} restarts)"
         url = None
         if state is ReplicaState.READY:
-            if self.settings.route == "service":
-                dep = labels.get(m.DEPLOYMENT_LABEL, self.context.deployment)
-                urls = {} if urls is None else urls
-                if dep not in urls:
-                    urls[dep] = self.service_url(dep)
-                url = urls[dep]
-                if url is None:
-                    message = "the Service has no reachable address yet"
-            elif st.get("podIP"):
-                url = f"http://{_host(st['podIP'])}:{self.settings.http_port}"
+            url = self._replica_url(labels, st, urls)
+            if url is None and self.settings.route == "service":
+                message = "the Service has no reachable address yet"
         return ReplicaStatus(
-            replica_id=name,
+            replica_id=details["pod"],
             state=state,
             url=url,
             host=details["node"],
             message=message,
             labels=labels,
-            started_at=started,
+            started_at=_timestamp_str(st.get("startTime") or meta.get("creationTimestamp")),
             details=details,
         )
 
+    def _details(self, pod: dict[str, Any], triton: dict[str, Any]) -> dict[str, Any]:
+        """What `bioengine status` shows of a pod: namespace, name, node, IP, phase, restarts."""
+        meta = pod.get("metadata") or {}
+        st = pod.get("status") or {}
+        return {
+            "namespace": self.ns,
+            "pod": meta.get("name", ""),
+            "node": (pod.get("spec") or {}).get("nodeName"),
+            "pod_ip": st.get("podIP"),
+            "phase": st.get("phase") or "Pending",
+            "restarts": int(triton.get("restartCount") or 0),
+            "kind": (meta.get("labels") or {}).get(m.REPLICA_KIND_LABEL, "deployment"),
+        }
+
+    def _replica_url(
+        self, labels: dict[str, str], st: dict[str, Any], urls: dict[str, str | None] | None
+    ) -> str | None:
+        """Where the engine reaches a ready pod: the Service's URL (route = service, cached in
+        `urls` per deployment) or the pod's IP."""
+        if self.settings.route == "service":
+            dep = labels.get(DEPLOYMENT_LABEL, self.context.deployment)
+            urls = {} if urls is None else urls
+            if dep not in urls:
+                urls[dep] = self.service_url(dep)
+            return urls[dep]
+        if st.get("podIP"):
+            return f"http://{url_host(st['podIP'])}:{self.settings.http_port}"
+        return None
+
     def close(self) -> None:
         """Close the API client's connection pool; the pods keep running."""
+        if self._client is None:
+            return
         try:
-            self._api.close()
+            self._client.close()
         except Exception:  # noqa: BLE001 - closing must never fail the engine's shutdown
             pass
 
 
-def _host(address: str) -> str:
-    return f"[{address}]" if ":" in address and not address.startswith("[") else address
+def _pod_state(
+    meta: dict[str, Any], st: dict[str, Any], triton: dict[str, Any]
+) -> tuple[ReplicaState, str]:
+    """A pod's replica state from its phase and conditions, and why (before container notes)."""
+    phase = st.get("phase") or "Pending"
+    conditions = {c.get("type"): c for c in st.get("conditions") or []}
+    if meta.get("deletionTimestamp"):
+        return ReplicaState.STOPPING, "pod is being deleted"
+    if phase in ("Succeeded", "Failed"):
+        term = (triton.get("state") or {}).get("terminated") or {}
+        message = st.get("reason") or term.get("reason") or phase
+        if st.get("message") or term.get("message"):
+            message += f": {st.get('message') or term.get('message')}"
+        if term.get("exitCode") is not None:
+            message += f" (exit code {term['exitCode']})"
+        return ReplicaState.FAILED, message
+    if phase == "Running":
+        if (conditions.get("Ready") or {}).get("status") == "True":
+            return ReplicaState.READY, ""
+        return ReplicaState.STARTING, "Triton is not ready yet"
+    scheduled = conditions.get("PodScheduled") or {}
+    if scheduled.get("status") == "False":
+        reason = scheduled.get("reason") or "Unschedulable"
+        return ReplicaState.PENDING, f"{reason}: {scheduled.get('message') or ''}".strip(": ")
+    return ReplicaState.PENDING, "waiting for the container"
+
+
+def _load_balancer_url(svc: dict[str, Any], port: int) -> str | None:
+    """The first address the Service's load balancer reports, with `port`."""
+    ingress = ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+    for entry in ingress:
+        host = entry.get("ip") or entry.get("hostname")
+        if host:
+            return f"http://{url_host(host)}:{port}"
+    return None
 
 
 def _timestamp_str(value: Any) -> float | None:
@@ -508,6 +563,25 @@ def _timestamp_str(value: Any) -> float | None:
         return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
+
+
+def _patch_for(
+    current: dict[str, Any],
+    ours: dict[str, Any],
+    text: str,
+    secret_values: dict[str, str] | None,
+) -> dict[str, Any] | None:
+    """The merge patch from what was last applied to `current` to `ours` (whose last-applied
+    text is `text`); None when nothing changed. With `secret_values`: values, not digests."""
+    annotations = current.get("metadata", {}).get("annotations") or {}
+    previous_text = annotations.get(m.LAST_APPLIED)
+    if previous_text == text:
+        return None
+    previous = _annotate(json.loads(previous_text), previous_text) if previous_text else {}
+    diff = m.merge_patch(previous, ours)
+    if diff is not None and secret_values is not None and "stringData" in diff:
+        _secret_patch(diff, previous, secret_values)
+    return diff
 
 
 def _annotate(obj: dict[str, Any], text: str) -> dict[str, Any]:

@@ -16,11 +16,11 @@ import yaml
 
 from bioengine_core.contracts import ReplicaSpec
 from bioengine_core.errors import ExecutorError
+from bioengine_core.util import DEPLOYMENT_LABEL
 
 from .settings import K8sSettings
 
-DEPLOYMENT_LABEL = "bioengine.deployment"
-"""Every object and pod carries the engine's deployment name under this label."""
+# Every object and pod carries the engine's deployment name under DEPLOYMENT_LABEL (the core's).
 REPLICA_KIND_LABEL = "bioengine.replica-kind"
 """`deployment` for pods of the Deployment, `standalone` for one-off pods from `start()`."""
 MANAGED_BY = ("app.kubernetes.io/managed-by", "bioengine")
@@ -130,9 +130,17 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def container(settings: K8sSettings, spec: ReplicaSpec) -> dict[str, Any]:
-    """The Triton container: command, ports, env, resources, probes, mounts."""
-    gpus = spec.gpus or settings.gpus
+def _ports(settings: K8sSettings) -> list[tuple[str, int]]:
+    """Triton's named ports: HTTP, gRPC, metrics (the container's and the Service's)."""
+    return [
+        ("http", settings.http_port),
+        ("grpc", settings.grpc_port),
+        ("metrics", settings.metrics_port),
+    ]
+
+
+def _resources(settings: K8sSettings, gpus: int) -> dict[str, Any]:
+    """The container's requests and limits (GPUs as a limit on `gpu_resource`)."""
     requests = {
         k: v
         for k, v in (("cpu", settings.cpu_request), ("memory", settings.memory_request))
@@ -150,13 +158,21 @@ def container(settings: K8sSettings, spec: ReplicaSpec) -> dict[str, Any]:
         resources["requests"] = requests
     if limits:
         resources["limits"] = limits
+    return resources
 
+
+def _env_from(settings: K8sSettings, spec: ReplicaSpec) -> list[dict[str, Any]]:
+    """Secrets whose keys become the container's environment (the repository's credentials)."""
     env_from = [{"secretRef": {"name": name}} for name in settings.env_from_secrets]
     if settings.repository_secret:
         env_from.append({"secretRef": {"name": settings.repository_secret}})
     elif uses_managed_secret(settings, spec):
         env_from.append({"secretRef": {"name": names_for(settings, spec.deployment).secret}})
+    return env_from
 
+
+def _volume_mounts(settings: K8sSettings) -> list[dict[str, Any]]:
+    """The repository volume (read-only) and the memory-backed /dev/shm, where configured."""
     mounts = []
     if settings.repository_pvc or settings.repository_host_path:
         mount: dict[str, Any] = {
@@ -169,7 +185,14 @@ def container(settings: K8sSettings, spec: ReplicaSpec) -> dict[str, Any]:
         mounts.append(mount)
     if settings.shm_size:
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    return mounts
 
+
+def container(settings: K8sSettings, spec: ReplicaSpec) -> dict[str, Any]:
+    """The Triton container: command, ports, env, resources, probes, mounts."""
+    env_from = _env_from(settings, spec)
+    resources = _resources(settings, spec.gpus or settings.gpus)
+    mounts = _volume_mounts(settings)
     startup_failures = max(1, math.ceil(settings.startup_timeout / settings.probe_period))
     out: dict[str, Any] = {
         "name": CONTAINER,
@@ -178,9 +201,8 @@ def container(settings: K8sSettings, spec: ReplicaSpec) -> dict[str, Any]:
         "command": list(settings.command),
         "args": triton_args(settings, spec),
         "ports": [
-            {"name": "http", "containerPort": settings.http_port, "protocol": "TCP"},
-            {"name": "grpc", "containerPort": settings.grpc_port, "protocol": "TCP"},
-            {"name": "metrics", "containerPort": settings.metrics_port, "protocol": "TCP"},
+            {"name": name, "containerPort": port, "protocol": "TCP"}
+            for name, port in _ports(settings)
         ],
     }
     if settings.env:
@@ -199,9 +221,8 @@ def container(settings: K8sSettings, spec: ReplicaSpec) -> dict[str, Any]:
     return out
 
 
-def pod_spec(settings: K8sSettings, spec: ReplicaSpec) -> dict[str, Any]:
-    """The pod spec shared by the Deployment's template and one-off pods."""
-    out: dict[str, Any] = {"containers": [container(settings, spec)]}
+def _volumes(settings: K8sSettings) -> list[dict[str, Any]]:
+    """The pod's volumes: the repository (PVC or host path) and /dev/shm in memory."""
     volumes: list[dict[str, Any]] = []
     if settings.repository_pvc:
         volumes.append(
@@ -221,18 +242,30 @@ def pod_spec(settings: K8sSettings, spec: ReplicaSpec) -> dict[str, Any]:
         volumes.append(
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}}
         )
+    return volumes
+
+
+def _tolerations(settings: K8sSettings) -> list[dict[str, Any]]:
+    """The settings' tolerations with Kubernetes' field names."""
+    return [
+        {
+            {"toleration_seconds": "tolerationSeconds"}.get(k, k): v
+            for k, v in t.model_dump(exclude_none=True).items()
+        }
+        for t in settings.tolerations
+    ]
+
+
+def pod_spec(settings: K8sSettings, spec: ReplicaSpec) -> dict[str, Any]:
+    """The pod spec shared by the Deployment's template and one-off pods."""
+    out: dict[str, Any] = {"containers": [container(settings, spec)]}
+    volumes = _volumes(settings)
     if volumes:
         out["volumes"] = volumes
     if settings.node_selector:
         out["nodeSelector"] = dict(sorted(settings.node_selector.items()))
     if settings.tolerations:
-        out["tolerations"] = [
-            {
-                {"toleration_seconds": "tolerationSeconds"}.get(k, k): v
-                for k, v in t.model_dump(exclude_none=True).items()
-            }
-            for t in settings.tolerations
-        ]
+        out["tolerations"] = _tolerations(settings)
     if settings.image_pull_secrets:
         out["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
     if settings.service_account:
@@ -245,21 +278,28 @@ def pod_spec(settings: K8sSettings, spec: ReplicaSpec) -> dict[str, Any]:
     return out
 
 
+def _metadata(
+    settings: K8sSettings, name: str, labels: dict[str, str], annotations: dict[str, str]
+) -> dict[str, Any]:
+    """An object's metadata in the settings' namespace (annotations only when there are any)."""
+    meta: dict[str, Any] = {"name": name, "namespace": settings.namespace, "labels": labels}
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return meta
+
+
 def render_deployment(settings: K8sSettings, spec: ReplicaSpec, replicas: int) -> dict[str, Any]:
     """The Deployment running `replicas` Triton pods; rolling updates never drop below target."""
     names = names_for(settings, spec.deployment)
     labels = common_labels(settings, spec)
     selector = selector_labels(settings, spec)
-    meta: dict[str, Any] = {"name": names.base, "namespace": settings.namespace, "labels": labels}
-    if settings.annotations:
-        meta["annotations"] = dict(settings.annotations)
     template_meta: dict[str, Any] = {"labels": {**labels, **selector}}
     if settings.annotations:
         template_meta["annotations"] = dict(settings.annotations)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": meta,
+        "metadata": _metadata(settings, names.base, labels, settings.annotations),
         "spec": {
             "replicas": replicas,
             "selector": {"matchLabels": selector},
@@ -276,17 +316,11 @@ def render_deployment(settings: K8sSettings, spec: ReplicaSpec, replicas: int) -
 def render_service(settings: K8sSettings, spec: ReplicaSpec) -> dict[str, Any]:
     """The Service in front of every pod of the deployment (HTTP, gRPC, metrics)."""
     names = names_for(settings, spec.deployment)
-    meta: dict[str, Any] = {
-        "name": names.base,
-        "namespace": settings.namespace,
-        "labels": common_labels(settings, spec),
-    }
-    if settings.service_annotations:
-        meta["annotations"] = dict(settings.service_annotations)
+    labels = common_labels(settings, spec)
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": meta,
+        "metadata": _metadata(settings, names.base, labels, settings.service_annotations),
         "spec": {
             "type": settings.service_type,
             "selector": {
@@ -294,24 +328,8 @@ def render_service(settings: K8sSettings, spec: ReplicaSpec) -> dict[str, Any]:
                 DEPLOYMENT_LABEL: spec.deployment,
             },
             "ports": [
-                {
-                    "name": "http",
-                    "port": settings.http_port,
-                    "targetPort": "http",
-                    "protocol": "TCP",
-                },
-                {
-                    "name": "grpc",
-                    "port": settings.grpc_port,
-                    "targetPort": "grpc",
-                    "protocol": "TCP",
-                },
-                {
-                    "name": "metrics",
-                    "port": settings.metrics_port,
-                    "targetPort": "metrics",
-                    "protocol": "TCP",
-                },
+                {"name": name, "port": port, "targetPort": name, "protocol": "TCP"}
+                for name, port in _ports(settings)
             ],
         },
     }
@@ -328,11 +346,7 @@ def render_secret(
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {
-            "name": names.secret,
-            "namespace": settings.namespace,
-            "labels": common_labels(settings, spec),
-        },
+        "metadata": _metadata(settings, names.secret, common_labels(settings, spec), {}),
         "type": "Opaque",
         "stringData": data,
     }
@@ -341,11 +355,9 @@ def render_secret(
 def render_pod(settings: K8sSettings, spec: ReplicaSpec, name: str) -> dict[str, Any]:
     """A one-off pod (from `start()`): same container, not owned by the Deployment."""
     labels = {**common_labels(settings, spec), REPLICA_KIND_LABEL: "standalone"}
-    meta: dict[str, Any] = {"name": name, "namespace": settings.namespace, "labels": labels}
-    if settings.annotations:
-        meta["annotations"] = dict(settings.annotations)
     body = pod_spec(settings, spec)
     body["restartPolicy"] = "Always"
+    meta = _metadata(settings, name, labels, settings.annotations)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": body}
 
 

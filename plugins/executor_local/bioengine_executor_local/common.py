@@ -1,18 +1,19 @@
-"""Helpers shared by the process and container executors: ids, ports, labels, files."""
+"""Helpers shared by the process and container executors: ids, labels, allow-lists, log tails.
+
+The deployment label, free ports, JSON files and the wildcard-to-loopback rule come from
+`bioengine_core.util`; the container clients' allow-lists from `bioengine_core.childenv`.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import socket
 import uuid
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-DEPLOYMENT_LABEL = "bioengine.deployment"
-REPLICA_LABEL = "bioengine.replica"
+from bioengine_core import childenv
+from bioengine_core.util import DEPLOYMENT_LABEL, REPLICA_LABEL
+
 URL_LABEL = "bioengine.url"
 
 
@@ -22,41 +23,17 @@ REPLICA_ALLOW = ("CUDA_*",)
 """Engine variables a Triton process inherits besides `childenv.BASE_ALLOW` (CUDA tuning)."""
 
 CONTAINER_CLIENT_ALLOW = (
-    "XDG_RUNTIME_DIR",
-    "XDG_CONFIG_HOME",
-    "XDG_DATA_HOME",
-    "XDG_CACHE_HOME",
-    "DBUS_SESSION_BUS_ADDRESS",
+    *childenv.CONTAINER_CLIENT_ALLOW,
     "SSH_AUTH_SOCK",
-    "CONTAINERS_*",
-    "CONTAINER_HOST",
-    "CONTAINER_CONNECTION",
     "CONTAINER_SSHKEY",
     "CONTAINER_PASSPHRASE",
-    "PODMAN_*",
-    "REGISTRY_AUTH_FILE",
-    "STORAGE_DRIVER",
-    "STORAGE_OPTS",
-    "DOCKER_HOST",
-    "DOCKER_CONFIG",
-    "DOCKER_CONTEXT",
-    "DOCKER_TLS_VERIFY",
-    "DOCKER_CERT_PATH",
-    "DOCKER_API_VERSION",
     "DOCKER_DEFAULT_PLATFORM",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "NO_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "no_proxy",
 )
-"""Engine variables the docker/podman client needs (daemon socket, config, registry auth file,
-proxies for pulls); the container itself gets only what is passed with `--env`."""
+"""Engine variables the docker/podman client needs: the core's `CONTAINER_CLIENT_ALLOW`, plus a
+remote podman connection's ssh agent and key, and docker's default platform."""
 
-APPTAINER_CLIENT_ALLOW = (*CONTAINER_CLIENT_ALLOW, "APPTAINER_*", "SINGULARITY_*")
-"""The apptainer/singularity client's own settings (cache, tmp dir, registry login); with
-`--cleanenv` only APPTAINERENV_*/SINGULARITYENV_* variables enter the container."""
+APPTAINER_CLIENT_ALLOW = (*CONTAINER_CLIENT_ALLOW, *childenv.APPTAINER_CLIENT_ALLOW)
+"""What the apptainer/singularity client gets (its own APPTAINER_*/SINGULARITY_* settings)."""
 
 
 def is_secret_name(name: str) -> bool:
@@ -70,52 +47,9 @@ def new_replica_id(deployment: str) -> str:
     return f"{slug[:40]}-{uuid.uuid4().hex[:8]}"
 
 
-def free_ports(address: str, count: int, exclude: Iterable[int] = ()) -> list[int]:
-    """`count` distinct TCP ports that are free on `address` now (bound with port 0)."""
-    taken = set(exclude)
-    ports: list[int] = []
-    sockets: list[socket.socket] = []
-    try:
-        while len(ports) < count:
-            family = socket.AF_INET6 if ":" in address else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind((address, 0))
-            port = sock.getsockname()[1]
-            if port not in taken:
-                taken.add(port)
-                ports.append(port)
-    finally:
-        for sock in sockets:
-            sock.close()
-    return ports
-
-
-def connect_host(address: str) -> str:
-    """The host to put in a replica's url: a wildcard bind address is reached via loopback."""
-    return "127.0.0.1" if address in ("0.0.0.0", "", "::") else address
-
-
 def replica_labels(deployment: str, replica_id: str, labels: dict[str, str]) -> dict[str, str]:
     """The spec's labels plus the ones every replica carries (deployment, replica id)."""
     return {**labels, DEPLOYMENT_LABEL: deployment, REPLICA_LABEL: replica_id}
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write `data` atomically (temp file + rename) so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in `path`, or None if it is absent or unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def tail_file(path: Path, lines: int) -> str:

@@ -28,14 +28,11 @@ from bioengine_core.contracts import (
 )
 from bioengine_core.errors import CommandError, ExecutorError
 from bioengine_core.triton import TritonInstall, is_ready, triton_args
+from bioengine_core.util import DEPLOYMENT_LABEL, REPLICA_LABEL, connect_host, free_ports
 
 from .common import (
     CONTAINER_CLIENT_ALLOW,
-    DEPLOYMENT_LABEL,
-    REPLICA_LABEL,
     URL_LABEL,
-    connect_host,
-    free_ports,
     is_secret_name,
     new_replica_id,
     replica_labels,

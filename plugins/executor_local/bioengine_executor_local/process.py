@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from bioengine_core.childenv import child_env
+from bioengine_core.commands import start_process
 from bioengine_core.contracts import (
     BackendContext,
     Executor,
@@ -31,19 +31,15 @@ from bioengine_core.contracts import (
 )
 from bioengine_core.errors import ExecutorError
 from bioengine_core.triton import TritonInstall, find_triton, is_ready, triton_args
+from bioengine_core.util import DEPLOYMENT_LABEL, connect_host, free_ports, read_json, write_json
 
 from .common import (
     APPTAINER_CLIENT_ALLOW,
-    DEPLOYMENT_LABEL,
     REPLICA_ALLOW,
-    connect_host,
-    free_ports,
     is_secret_name,
     new_replica_id,
-    read_json,
     replica_labels,
     tail_file,
-    write_json,
 )
 from .settings import LocalExecutorSettings
 
@@ -81,7 +77,13 @@ class ProcessExecutor(Executor):
     def triton(self) -> TritonInstall:
         """The tritonserver this executor runs (found once, stub prepared)."""
         if self._install is None:
-            self._install = find_triton(self.settings.triton_binary)
+            try:
+                self._install = find_triton(self.settings.triton_binary)
+            except ExecutorError as exc:
+                raise ExecutorError(
+                    f"{exc} (local executor: set [executor] triton_binary, or "
+                    "`pip install 'bioengine-executor-local[triton]'`, or mode = \"container\")"
+                ) from None
         return self._install
 
     def triton_backends(self) -> list[str]:
@@ -94,7 +96,7 @@ class ProcessExecutor(Executor):
         return {"CUDA_VISIBLE_DEVICES": gpus} if gpus and gpus != "all" else {}
 
     def command(self, spec: ReplicaSpec, ports: dict[str, int]) -> tuple[list[str], dict[str, str]]:
-        """The argv and the replica's own variables (added to an allow-listed base, `environ`)."""
+        """The argv and the replica's own variables (added to an allow-listed base at start)."""
         install = self.triton()
         argv = triton_args(
             install,
@@ -114,14 +116,6 @@ class ProcessExecutor(Executor):
             **spec.env,
         }
         return argv, env
-
-    def environ(self, extra: dict[str, str]) -> dict[str, str]:
-        """The started process's whole environment: allow-listed engine variables plus `extra`.
-
-        Nothing else of the engine's environment (API tokens, admin secrets, S3 keys of other
-        components) reaches Triton or its python backend stubs.
-        """
-        return child_env(extra, allow=self.inherit)
 
     def preview(self, spec: ReplicaSpec) -> str:
         """The command line start(spec) runs; ports are examples (free ones are picked at start)."""
@@ -166,44 +160,56 @@ class ProcessExecutor(Executor):
             http, grpc, metrics = free_ports(self.settings.address, 3, exclude=used)
             ports = {"http": http, "grpc": grpc, "metrics": metrics}
             argv, extra_env = self.command(spec, ports)
-            log_path = self.log_path(replica_id)
-            url = f"http://{connect_host(self.settings.address)}:{http}"
-            with open(log_path, "ab") as log:
-                log.write(f"# bioengine: {shlex.join(argv)}\n".encode())
-                log.flush()
-                try:
-                    proc = subprocess.Popen(
-                        argv,
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=self.environ(extra_env),
-                        cwd=self.replica_dir,
-                        start_new_session=True,  # survives the engine; killpg reaches children
-                    )
-                except OSError as exc:
-                    raise ExecutorError(f"cannot start {argv[0]}: {exc}") from exc
-            try:
-                create_time = psutil.Process(proc.pid).create_time()
-            except psutil.Error:
-                create_time = None  # already gone: status() reports its exit code
-            labels = replica_labels(spec.deployment, replica_id, spec.labels)
-            meta = {
-                "replica_id": replica_id,
-                "pid": proc.pid,
-                "create_time": create_time,
-                "ports": ports,
-                "url": url,
-                "deployment": spec.deployment,
-                "labels": labels,
-                "started_at": time.time(),
-                "log": str(log_path),
-                "argv": argv,
-            }
+            proc = self._launch(replica_id, argv, extra_env)
+            meta = self._metadata(spec, replica_id, proc, ports, argv)
             write_json(self._meta_path(replica_id), meta)
             self._children[replica_id] = proc
-        self.context.logger.info("started replica %s (pid %d) at %s", replica_id, proc.pid, url)
+        self.context.logger.info(
+            "started replica %s (pid %d) at %s", replica_id, proc.pid, meta["url"]
+        )
         return self._running_status(meta, ReplicaState.STARTING)
+
+    def _launch(self, replica_id: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        """Start the process in a session of its own (it survives the engine; killpg reaches its
+        children), logging to its log file.
+
+        Its environment is the allow-list plus `inherit` and `env`: nothing else of the engine's
+        environment (API tokens, admin secrets, S3 keys of other components) reaches Triton or
+        its python backend stubs.
+        """
+        return start_process(
+            argv,
+            log_path=self.log_path(replica_id),
+            env=env,
+            allow_env=self.inherit,
+            cwd=self.replica_dir,
+        )
+
+    def _metadata(
+        self,
+        spec: ReplicaSpec,
+        replica_id: str,
+        proc: subprocess.Popen,
+        ports: dict[str, int],
+        argv: list[str],
+    ) -> dict[str, Any]:
+        """What the replica's metadata file records (adoption by a later engine)."""
+        try:
+            create_time = psutil.Process(proc.pid).create_time()
+        except psutil.Error:
+            create_time = None  # already gone: status() reports its exit code
+        return {
+            "replica_id": replica_id,
+            "pid": proc.pid,
+            "create_time": create_time,
+            "ports": ports,
+            "url": f"http://{connect_host(self.settings.address)}:{ports['http']}",
+            "deployment": spec.deployment,
+            "labels": replica_labels(spec.deployment, replica_id, spec.labels),
+            "started_at": time.time(),
+            "log": str(self.log_path(replica_id)),
+            "argv": argv,
+        }
 
     def _running_status(self, meta: dict[str, Any], state: ReplicaState) -> ReplicaStatus:
         return ReplicaStatus(

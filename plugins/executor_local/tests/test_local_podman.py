@@ -20,7 +20,8 @@ import pytest
 import tritonclient.http as httpclient
 from bioengine_executor_local import ContainerExecutor, LocalExecutorSettings
 
-from bioengine_core.contracts import ReplicaState
+from bioengine_core.contracts import ReplicaState, ReplicaStatus
+from bioengine_core.testing.environ import environ_of
 from bioengine_core.testing.executor import ExecutorConformance
 from bioengine_core.testing.podman import IMAGE, PODMAN_OPTIONS, podman_image_available
 from bioengine_core.testing.pytest_plugin import require_service
@@ -57,6 +58,31 @@ def podman_settings(**kw) -> LocalExecutorSettings:
     )
     options.update(kw)
     return LocalExecutorSettings(mode="container", **options)
+
+
+def wait_ready(ex: ContainerExecutor, replica_id: str, timeout: float = 90.0) -> ReplicaStatus:
+    """The replica's status once READY; fails at once when it is no longer alive."""
+    deadline = time.monotonic() + timeout
+    status = ex.status(replica_id)
+    while status.state is not ReplicaState.READY and time.monotonic() < deadline:
+        assert status.state.alive, status.message
+        time.sleep(0.3)
+        status = ex.status(replica_id)
+    assert status.state is ReplicaState.READY, ex.logs(replica_id)
+    return status
+
+
+def recording_podman(bin_dir: Path, client_log: Path) -> str:
+    """A `podman` wrapper in `bin_dir` that appends each call's environment to `client_log`
+    before running the real podman (put `bin_dir` first on PATH); returns the real one."""
+    real_podman = shutil.which("podman")
+    bin_dir.mkdir()
+    wrapper = bin_dir / "podman"
+    wrapper.write_text(
+        f"#!/bin/sh\n{{ echo '--- podman'; env; }} >> {client_log}\nexec {real_podman} \"$@\"\n"
+    )
+    wrapper.chmod(0o755)
+    return real_podman
 
 
 @pytest.fixture
@@ -117,13 +143,7 @@ def test_python_backend_model_serves_from_container(
     """A python-backend model loads and answers inside the container; stop needs no SIGKILL."""
     ex = ContainerExecutor(podman_settings(), context)
     replica = ex.start(replica_spec)
-    deadline = time.monotonic() + 90
-    status = ex.status(replica.replica_id)
-    while status.state is not ReplicaState.READY and time.monotonic() < deadline:
-        assert status.state.alive, status.message
-        time.sleep(0.3)
-        status = ex.status(replica.replica_id)
-    assert status.state is ReplicaState.READY, ex.logs(replica.replica_id)
+    status = wait_ready(ex, replica.replica_id)
     client = httpclient.InferenceServerClient(status.url.split("://", 1)[1])
     x = httpclient.InferInput("x", [4], "FP32")
     x.set_data_from_numpy(np.arange(4, dtype=np.float32))
@@ -152,14 +172,8 @@ def test_container_and_its_stubs_get_no_engine_secrets(
     gets what podman reads (PODMAN_*, proxies); the container only `[executor] env`, the
     repository's variables (`--env NAME`) and the spec's, not the client's proxy settings."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     client_log = tmp_path / "podman-client-env.log"
-    real_podman = shutil.which("podman")
-    wrapper = bin_dir / "podman"  # records each client call's environment, then runs podman
-    wrapper.write_text(
-        f"#!/bin/sh\n{{ echo '--- podman'; env; }} >> {client_log}\nexec {real_podman} \"$@\"\n"
-    )
-    wrapper.chmod(0o755)
+    real_podman = recording_podman(bin_dir, client_log)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("PODMAN_IGNORE_CGROUPSV1_WARNING", "1")
     monkeypatch.setenv("http_proxy", "http://proxy-user:proxy-pass@127.0.0.1:9")
@@ -169,13 +183,7 @@ def test_container_and_its_stubs_get_no_engine_secrets(
     env = {**podman_settings().env, "BIOENGINE_TEST_CFG": "from-config"}
     ex = ContainerExecutor(podman_settings(env=env), context)
     replica = ex.start(replica_spec)
-    deadline = time.monotonic() + 90
-    status = ex.status(replica.replica_id)
-    while status.state is not ReplicaState.READY and time.monotonic() < deadline:
-        assert status.state.alive, status.message
-        time.sleep(0.3)
-        status = ex.status(replica.replica_id)
-    assert status.state is ReplicaState.READY, ex.logs(replica.replica_id)
+    status = wait_ready(ex, replica.replica_id)
     pid = int(
         subprocess.run(
             [real_podman, "inspect", "--format", "{{.State.Pid}}", status.details["container"]],
@@ -190,7 +198,7 @@ def test_container_and_its_stubs_get_no_engine_secrets(
         "BIOENGINE_TEST_CFG": "from-config",
     }
     for proc in check_replica_environ(pid, engine_secrets, expected):
-        raw = Path(f"/proc/{proc.pid}/environ").read_bytes()
+        raw, _ = environ_of(proc.pid)
         assert b"proxy-pass" not in raw and b"PODMAN_IGNORE" not in raw, proc
     ex.stop(replica.replica_id, grace=30)
     calls = client_log.read_text()

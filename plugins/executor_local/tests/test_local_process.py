@@ -61,6 +61,15 @@ def wait_for(predicate, timeout: float = 20.0):
     return predicate()
 
 
+def wait_ready(ex: ProcessExecutor, replica_id: str, timeout: float = 90.0):
+    """The replica's status once READY (asserted, with its log otherwise)."""
+    status = wait_for(
+        lambda: (s := ex.status(replica_id)).state is ReplicaState.READY and s, timeout=timeout
+    )
+    assert status, ex.logs(replica_id)
+    return status
+
+
 def test_crashed_replica_is_failed_with_exit_code_and_log_tail(tmp_path, context, replica_spec):
     """A server that exits on its own is FAILED, with its exit code and last log lines."""
     binary = fake_triton(tmp_path, 'echo "cannot open the model repository: boom" >&2\nexit 3\n')
@@ -167,11 +176,7 @@ def test_real_replica_and_its_stubs_get_no_engine_secrets(
     ex = ProcessExecutor(settings, context)
     replica = ex.start(replica_spec)
     try:
-        status = wait_for(
-            lambda: (s := ex.status(replica.replica_id)).state is ReplicaState.READY and s,
-            timeout=90,
-        )
-        assert status, ex.logs(replica.replica_id)
+        status = wait_ready(ex, replica.replica_id)
         expected = {
             "AWS_ACCESS_KEY_ID": "repo-key-id",
             "BIOENGINE_TEST_SPEC": "from-spec",
@@ -302,11 +307,7 @@ def test_python_backend_replica_stops_cleanly(
     ex = ProcessExecutor(LocalExecutorSettings(), context)
     replica = ex.start(replica_spec)
     try:
-        status = wait_for(
-            lambda: (s := ex.status(replica.replica_id)).state is ReplicaState.READY and s,
-            timeout=90,
-        )
-        assert status, ex.logs(replica.replica_id)
+        status = wait_ready(ex, replica.replica_id)
         server = psutil.Process(status.details["pid"])
         stubs = server.children(recursive=True)
         assert stubs, "the python backend runs its model in a stub process"

@@ -9,6 +9,7 @@ import typer
 
 from bioengine_core.contracts import ReplicaSpec
 from bioengine_core.errors import BioEngineError, ConfigError
+from bioengine_core.site import load_site
 
 from .executor import SlurmExecutor
 from .script import default_template_text
@@ -23,27 +24,16 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 def build_spec_and_executor(config: Path, models: list[str]) -> tuple[SlurmExecutor, ReplicaSpec]:
     """The executor and the replica spec `bioengine serve --config` would use."""
-    from bioengine_core.config import load_config
-
-    cfg = load_config(config)
-    if cfg.executor.record.name != "slurm":
-        raise ConfigError(
-            f"{config}: [executor] kind = {cfg.executor.record.name!r}; "
-            '`bioengine slurm` needs kind = "slurm"'
-        )
-    context = cfg.context()
-    executor = SlurmExecutor(cfg.executor.settings, context)
-    storage = cfg.storage.record.factory(settings=cfg.storage.settings, context=context)
-    names = models or sorted(m.id for m in cfg.models if m.id)
-    unnamed = [m.source for m in cfg.models if not m.id]
-    if unnamed and not models:
+    site = load_site(config, executor_kind="slurm")
+    executor: SlurmExecutor = site.executor  # type: ignore[assignment]
+    if site.unnamed_models and not models:
         typer.echo(
             "note: models without an `id` in the config get their id from the package when "
-            f"`serve` resolves them ({', '.join(unnamed)}); pass --model ID to show them",
+            f"`serve` resolves them ({', '.join(site.unnamed_models)}); pass --model ID to show "
+            "them",
             err=True,
         )
-    spec = cfg.replica_spec(storage.location(), names)
-    return executor, spec
+    return executor, site.spec(models or site.configured_model_ids)
 
 
 @slurm_app.command("script")

@@ -9,7 +9,6 @@ seconds) serves the status of every replica.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -25,20 +24,14 @@ from bioengine_core.contracts import (
 )
 from bioengine_core.errors import CommandError, ExecutorError
 from bioengine_core.triton import find_triton, is_ready
+from bioengine_core.util import DEPLOYMENT_LABEL, read_json
 
 from .script import ScriptPaths, job_name, parse_comment, render_script, replica_env
 from .settings import SlurmSettings
-from .slurm import END_MESSAGES, Job, SlurmCLI, explain_reason, sbatch_hint
+from .slurm import Job, SlurmCLI, sbatch_hint
+from .states import ended_message, pending_message, translate
 
 log = logging.getLogger(__name__)
-
-# Why Slurm says a job failed, in words.
-FAILURE_REASONS = {
-    "JobLaunchFailure": "Slurm could not launch the batch script; is the state_dir (job output "
-    "directory) present and shared with the compute node?",
-    "RaisedSignal": "the launcher died from a signal",
-    "OutOfMemory": "the job exceeded its memory (raise [executor] memory)",
-}
 
 
 class SlurmExecutor(Executor):
@@ -102,10 +95,10 @@ class SlurmExecutor(Executor):
 
     # ------------------------------------------------------------------ state files
     def _endpoint(self, job_id: str) -> dict[str, Any] | None:
-        return _read_json(self.paths.endpoints / f"{job_id}.json")
+        return read_json(self.paths.endpoints / f"{job_id}.json")
 
     def _exit(self, job_id: str) -> dict[str, Any] | None:
-        return _read_json(self.paths.endpoints / f"{job_id}.exit.json")
+        return read_json(self.paths.endpoints / f"{job_id}.exit.json")
 
     def _stopped(self, job_id: str) -> bool:
         return (self.paths.stopped / job_id).exists()
@@ -222,82 +215,69 @@ class SlurmExecutor(Executor):
         return job
 
     def _classify(self, job_id: str, job: Job | None) -> ReplicaStatus:
-        stopped = self._stopped(job_id)
+        """The replica's status from its job (None: unknown to Slurm), the stop marker and the
+        launcher's files; the Slurm state is translated by `states.TRANSLATE_TABLE`."""
         exit_info = self._exit(job_id)
         if job is None:
-            if stopped:
-                return ReplicaStatus(job_id, ReplicaState.STOPPED, message="stopped")
-            if exit_info is not None or job_id in self._known:
-                why = exit_info.get("reason", "") if exit_info else ""
-                return ReplicaStatus(
-                    job_id,
-                    ReplicaState.FAILED,
-                    message=f"Slurm job {job_id} ended and is no longer known to Slurm"
-                    + (f"; launcher: {why}" if why else ""),
-                    details=self._details(job_id, None),
-                )
-            return ReplicaStatus(job_id, ReplicaState.STOPPED, message=f"no Slurm job {job_id}")
-        if job.alive:
-            if stopped:
-                return self._status(job, ReplicaState.STOPPING, "cancelled, waiting for it to end")
-            if job.state == "RUNNING":
-                endpoint = self._endpoint(job_id)
-                if exit_info is not None:
-                    return self._status(
-                        job, ReplicaState.FAILED, f"Triton ended: {exit_info.get('reason', '')}"
-                    )
-                if endpoint is None:
-                    since = time.strftime("%H:%M:%S", time.localtime(job.start_time or 0))
-                    return self._status(
-                        job,
-                        ReplicaState.STARTING,
-                        f"job running on {job.nodes or '?'} since {since}; waiting for Triton "
-                        f"to be ready",
-                    )
-                return self._status(
-                    job,
-                    ReplicaState.STARTING,
-                    f"Triton at {endpoint.get('url')} does not answer ready",
-                    endpoint,
-                )
-            if job.state == "PENDING":
-                words, can_wait = explain_reason(job.reason)
-                message = f"pending in Slurm (reason: {job.reason or 'None'}): {words}"
-                if not can_wait:
-                    message += "; it will not start unless the request or the cluster changes"
-                status = self._status(job, ReplicaState.PENDING, message)
-                status.unsatisfiable = not can_wait
-                return status
-            return self._status(job, ReplicaState.PENDING, f"Slurm state {job.state}")
-        # The job ended.
-        if stopped:
-            state = ReplicaState.STOPPING if job.state == "COMPLETING" else ReplicaState.STOPPED
-            return self._status(job, state, f"stopped (Slurm state {job.state})")
-        why = END_MESSAGES.get(job.state, f"the job ended in Slurm state {job.state}")
-        if job.state == "COMPLETING":
-            why = self._why_completing(job, exit_info)
-        parts = [f"Slurm job {job_id} {job.state}: {why}"]
-        if job.exit_code not in (None, 0):
-            parts.append(f"exit code {job.exit_code}")
-        if job.reason and job.reason not in ("None", "NonZeroExitCode"):
-            hint = FAILURE_REASONS.get(job.reason, "")
-            parts.append(f"Slurm reason {job.reason}" + (f" ({hint})" if hint else ""))
-        if exit_info is not None and exit_info.get("reason"):
-            parts.append(f"launcher: {exit_info['reason']}")
-        return self._status(job, ReplicaState.FAILED, "; ".join(parts))
+            return self._gone(job_id, exit_info)
+        if self._stopped(job_id):
+            return self._stopping(job)
+        if job.state == "RUNNING":
+            return self._running(job, exit_info)
+        if job.state == "PENDING":
+            message, can_wait = pending_message(job.reason)
+            status = self._status(job, ReplicaState.PENDING, message)
+            status.unsatisfiable = not can_wait
+            return status
+        meaning = translate(job.state)
+        if meaning.state.alive:
+            return self._status(job, meaning.state, meaning.message)
+        return self._status(job, ReplicaState.FAILED, ended_message(job, exit_info))
 
-    @staticmethod
-    def _why_completing(job: Job, exit_info: dict[str, Any] | None) -> str:
-        """Why a job we did not stop is ending, before Slurm shows its final state."""
-        limit_end = (job.start_time or 0) + (job.time_limit_s or 0)
-        if job.time_limit_s and job.end_time and job.end_time >= limit_end - 2:
-            return "the job is ending at its Slurm time limit (TIMEOUT)"
-        reason = (exit_info or {}).get("reason", "")
-        if exit_info is not None and "signal" not in reason:
-            return "the job is ending because its Triton ended"
-        return (
-            "the job is ending without BioEngine stopping it: cancelled outside BioEngine "
-            "(scancel by a user, an administrator or a policy) or preempted"
+    def _gone(self, job_id: str, exit_info: dict[str, Any] | None) -> ReplicaStatus:
+        """A job Slurm no longer knows: STOPPED if we stopped it (or never had it), else FAILED."""
+        if self._stopped(job_id):
+            return ReplicaStatus(job_id, ReplicaState.STOPPED, message="stopped")
+        if exit_info is not None or job_id in self._known:
+            why = exit_info.get("reason", "") if exit_info else ""
+            return ReplicaStatus(
+                job_id,
+                ReplicaState.FAILED,
+                message=f"Slurm job {job_id} ended and is no longer known to Slurm"
+                + (f"; launcher: {why}" if why else ""),
+                details=self._details(job_id, None),
+            )
+        return ReplicaStatus(job_id, ReplicaState.STOPPED, message=f"no Slurm job {job_id}")
+
+    def _stopping(self, job: Job) -> ReplicaStatus:
+        """A job we cancelled: STOPPING until Slurm has it ended, then STOPPED."""
+        if job.alive:
+            return self._status(job, ReplicaState.STOPPING, "cancelled, waiting for it to end")
+        state = ReplicaState.STOPPING if job.state == "COMPLETING" else ReplicaState.STOPPED
+        return self._status(job, state, f"stopped (Slurm state {job.state})")
+
+    def _running(self, job: Job, exit_info: dict[str, Any] | None) -> ReplicaStatus:
+        """A running job whose Triton does not answer ready: STARTING, or FAILED once the
+        launcher reported that Triton ended."""
+        if exit_info is not None:
+            return self._status(
+                job, ReplicaState.FAILED, f"Triton ended: {exit_info.get('reason', '')}"
+            )
+        meaning = translate(job.state)
+        endpoint = self._endpoint(job.job_id)
+        if endpoint is None:
+            since = time.strftime("%H:%M:%S", time.localtime(job.start_time or 0))
+            return self._status(
+                job,
+                meaning.state,
+                f"{meaning.message} on {job.nodes or '?'} since {since}; waiting for Triton "
+                f"to be ready",
+            )
+        return self._status(
+            job,
+            meaning.state,
+            f"Triton at {endpoint.get('url')} does not answer ready",
+            endpoint,
         )
 
     def _status(
@@ -321,7 +301,7 @@ class SlurmExecutor(Executor):
     def _labels(
         self, deployment: str, job_id: str, extra: dict[str, str] | None = None
     ) -> dict[str, str]:
-        return {**(extra or {}), "bioengine.deployment": deployment, "slurm.job_id": job_id}
+        return {**(extra or {}), DEPLOYMENT_LABEL: deployment, "slurm.job_id": job_id}
 
     def _details(self, job_id: str, name: str | None, job: Job | None = None) -> dict[str, Any]:
         out = self._output_file(job_id, name)
@@ -410,10 +390,3 @@ class SlurmExecutor(Executor):
         except ExecutorError:
             return ["python"]
         return backends or ["python"]
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

@@ -9,39 +9,15 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Mapping
 
+from bioengine_core.childenv import APPTAINER_CLIENT_ALLOW, CONTAINER_CLIENT_ALLOW
+
 TRITON_ALLOW: tuple[str, ...] = ("CUDA_*",)
 """Job variables tritonserver inherits besides `childenv.BASE_ALLOW` (CUDA tuning)."""
 
-RUNTIME_ALLOW: tuple[str, ...] = (
-    "XDG_RUNTIME_DIR",
-    "XDG_CONFIG_HOME",
-    "XDG_DATA_HOME",
-    "XDG_CACHE_HOME",
-    "DBUS_SESSION_BUS_ADDRESS",
-    "CONTAINERS_*",
-    "CONTAINER_HOST",
-    "CONTAINER_CONNECTION",
-    "PODMAN_*",
-    "REGISTRY_AUTH_FILE",
-    "STORAGE_DRIVER",
-    "STORAGE_OPTS",
-    "DOCKER_HOST",
-    "DOCKER_CONFIG",
-    "DOCKER_CONTEXT",
-    "DOCKER_TLS_VERIFY",
-    "DOCKER_CERT_PATH",
-    "DOCKER_API_VERSION",
-    "APPTAINER_*",
-    "SINGULARITY_*",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "NO_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "no_proxy",
-)
-"""What a container runtime client in the job reads (sockets, config, image cache, proxies for
-pulls); the container itself gets only the variables passed to it explicitly."""
+RUNTIME_ALLOW: tuple[str, ...] = (*CONTAINER_CLIENT_ALLOW, *APPTAINER_CLIENT_ALLOW)
+"""What a container runtime client in the job reads (the core's docker/podman and
+apptainer/singularity client lists: sockets, config, image cache, proxies for pulls); the
+container itself gets only the variables passed to it explicitly."""
 
 JOB_ALLOW: tuple[str, ...] = (
     *TRITON_ALLOW,

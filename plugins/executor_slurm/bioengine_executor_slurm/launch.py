@@ -12,7 +12,6 @@ gets an allow-listed environment plus the variables named by `--pass-env`, nothi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -25,6 +24,7 @@ from pathlib import Path
 from bioengine_core.childenv import child_env
 from bioengine_core.errors import ExecutorError
 from bioengine_core.triton import TritonInstall, find_triton, is_ready, triton_args
+from bioengine_core.util import connect_host, free_ports, url_host, write_json
 
 from .jobenv import RUNTIME_ALLOW, TRITON_ALLOW, matching
 
@@ -34,29 +34,7 @@ def log(message: str) -> None:
     print(f"[bioengine-launch {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def free_ports(address: str, count: int) -> list[int]:
-    """`count` distinct ports that are free on `address` right now."""
-    sockets, ports = [], []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((address, 0))
-            sockets.append(sock)
-            ports.append(sock.getsockname()[1])
-    finally:
-        for sock in sockets:
-            sock.close()
-    return ports
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write `data` to `path` atomically (temp file, fsync, rename), so readers never see half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+# ---------------------------------------------------------------------- the command
 
 
 def build_command(args: argparse.Namespace, ports: list[int]) -> tuple[list[str], dict[str, str]]:
@@ -65,7 +43,6 @@ def build_command(args: argparse.Namespace, ports: list[int]) -> tuple[list[str]
     The environment is `child_env`'s allow-list plus the `--pass-env` variables of the job: the
     rest of the job's environment (whatever sbatch, a prolog or a login shell put there) stays out.
     """
-    http, grpc, metrics = ports
     passed = matching(os.environ, args.pass_env)
     if args.container == "none":
         install = find_triton(args.triton_binary)
@@ -73,6 +50,18 @@ def build_command(args: argparse.Namespace, ports: list[int]) -> tuple[list[str]
     else:
         install = TritonInstall(binary=Path(args.container_triton))
         env = runtime_env(passed if args.container in ("podman", "docker") else {})
+    cmd = triton_command(args, install, ports)
+    if args.container in ("apptainer", "singularity"):
+        env.update(apptainer_env(passed))
+        cmd = apptainer_prefix(args) + list(args.container_option) + [args.image] + cmd
+    elif args.container in ("podman", "docker"):
+        cmd = run_prefix(args, passed) + list(args.container_option) + [args.image] + cmd
+    return cmd, env
+
+
+def triton_command(args: argparse.Namespace, install: TritonInstall, ports: list[int]) -> list[str]:
+    """tritonserver's own arguments: the repository, the three ports, models, extra options."""
+    http, grpc, metrics = ports
     extra = list(args.triton_arg)
     if args.exit_timeout is not None:
         extra.insert(0, f"--exit-timeout-secs={args.exit_timeout}")
@@ -87,35 +76,50 @@ def build_command(args: argparse.Namespace, ports: list[int]) -> tuple[list[str]
         extra=extra,
     )
     cmd[0] = str(install.binary) if args.container == "none" else args.container_triton
-    if args.container in ("apptainer", "singularity"):
-        prefix = [args.container, "exec", "--cleanenv"]
-        if args.gpus:
-            prefix.append("--nv")
-        for path in args.bind:
-            prefix += ["--bind", f"{path}:{path}:ro"]
-        for name, value in sorted(passed.items()):
-            env[f"APPTAINERENV_{name}"] = value
-            env[f"SINGULARITYENV_{name}"] = value
-        cmd = prefix + list(args.container_option) + [args.image] + cmd
-    elif args.container in ("podman", "docker"):
-        prefix = [args.container, "run", "--rm", "--network=host", f"--name={container_name(args)}"]
-        if args.container == "podman":
-            prefix.append("--http-proxy=false")  # podman copies the client's proxy variables in
-        if args.gpus:
-            prefix.append(
-                "--gpus=all" if args.container == "docker" else "--device=nvidia.com/gpu=all"
-            )
-        for path in args.bind:
-            prefix += ["--volume", f"{path}:{path}:ro"]
-        for name in sorted(passed):
-            prefix += ["--env", name]  # the value comes from the client's environment
-        cmd = prefix + list(args.container_option) + [args.image] + cmd
-    return cmd, env
+    return cmd
+
+
+def apptainer_prefix(args: argparse.Namespace) -> list[str]:
+    """`apptainer exec --cleanenv` (or singularity) with GPUs and the read-only binds."""
+    prefix = [args.container, "exec", "--cleanenv"]
+    if args.gpus:
+        prefix.append("--nv")
+    for path in args.bind:
+        prefix += ["--bind", f"{path}:{path}:ro"]
+    return prefix
+
+
+def apptainer_env(passed: dict[str, str]) -> dict[str, str]:
+    """The passed variables as APPTAINERENV_/SINGULARITYENV_ (the only ones `--cleanenv` lets
+    into the container)."""
+    env = {}
+    for name, value in sorted(passed.items()):
+        env[f"APPTAINERENV_{name}"] = value
+        env[f"SINGULARITYENV_{name}"] = value
+    return env
+
+
+def run_prefix(args: argparse.Namespace, passed: dict[str, str]) -> list[str]:
+    """`podman run`/`docker run` on the host network, with GPUs, read-only volumes and the
+    passed variables by name (their values come from the client's environment)."""
+    prefix = [args.container, "run", "--rm", "--network=host", f"--name={container_name(args)}"]
+    if args.container == "podman":
+        prefix.append("--http-proxy=false")  # podman copies the client's proxy variables in
+    if args.gpus:
+        prefix.append("--gpus=all" if args.container == "docker" else "--device=nvidia.com/gpu=all")
+    for path in args.bind:
+        prefix += ["--volume", f"{path}:{path}:ro"]
+    for name in sorted(passed):
+        prefix += ["--env", name]
+    return prefix
 
 
 def runtime_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The container runtime client's environment: its own settings plus `extra`."""
     return child_env(extra, allow=RUNTIME_ALLOW)
+
+
+# ---------------------------------------------------------------------- clean-up
 
 
 def container_name(args: argparse.Namespace) -> str:
@@ -164,9 +168,9 @@ def advertised_host(args: argparse.Namespace) -> str:
     """The name the engine uses to reach this node."""
     if args.advertise_host:
         return args.advertise_host
-    if args.bind_address not in ("0.0.0.0", "::", ""):
+    if connect_host(args.bind_address) == args.bind_address:  # a specific address
         return args.bind_address
-    return socket.gethostname()
+    return socket.gethostname()  # a wildcard: the node's name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -198,98 +202,134 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Start Triton, publish its endpoint when ready, wait for it, report how it ended."""
-    args = parse_args(argv)
-    job_id = args.job_id or f"pid{os.getpid()}"
-    args.endpoint_dir.mkdir(parents=True, exist_ok=True)
-    endpoint = args.endpoint_dir / f"{job_id}.json"
-    exit_file = args.endpoint_dir / f"{job_id}.exit.json"
-    host = advertised_host(args)
-    check_host = "127.0.0.1" if args.bind_address in ("0.0.0.0", "") else args.bind_address
+class Launcher:
+    """One run of the launcher: Triton's process, the signal that stops it, the files it writes."""
 
-    proc: subprocess.Popen | None = None
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.job_id = args.job_id or f"pid{os.getpid()}"
+        args.endpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.endpoint = args.endpoint_dir / f"{self.job_id}.json"
+        self.exit_file = args.endpoint_dir / f"{self.job_id}.exit.json"
+        self.proc: subprocess.Popen | None = None
+        self.stop_signal: int | None = None
+        """The signal (scancel, time limit) that asked Triton to stop; None while unasked."""
 
-    def finish(code: int, reason: str) -> int:
-        endpoint.unlink(missing_ok=True)
-        if proc is not None:
-            kill_group(proc.pid)
-        remove_container(args)
+    def run(self) -> int:
+        """Start Triton, publish its endpoint when ready, wait for it, report how it ended."""
+        try:
+            ports = free_ports(self.args.bind_address, 3)
+            cmd, env = build_command(self.args, ports)
+        except (ExecutorError, OSError) as exc:
+            return self.finish(2, f"cannot start tritonserver: {exc}")
+        self.start(cmd, env)
+        ended = self.wait_ready(ports[0])
+        if ended is not None:
+            return self.finish(*ended)
+        self.publish(ports)
+        return self.finish(*self.wait_exit())
+
+    def start(self, cmd: list[str], env: dict[str, str]) -> None:
+        """Start tritonserver and forward SIGTERM and SIGINT to it from now on.
+
+        Triton gets its own process group: when it ends, whatever it left behind (python backend
+        stubs orphaned by a crash) is killed with the group, even where Slurm tracks processes
+        only by ancestry (proctrack/linuxproc) and would miss them.
+        """
+        log(f"job {self.job_id} on {socket.gethostname()}: {' '.join(cmd)}")
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        signal.signal(signal.SIGTERM, self.forward)
+        signal.signal(signal.SIGINT, self.forward)
+
+    def forward(self, signum: int, _frame: object) -> None:
+        """Signal handler: ask tritonserver to stop (and its container, through the runtime)."""
+        first = self.stop_signal is None
+        self.stop_signal = signum
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            if first and self.args.container in ("podman", "docker"):
+                # The runtime's own signal proxy may be killed by the same scancel: stop the
+                # container through the runtime, or it would outlive the job.
+                threading.Thread(target=stop_container, args=(self.args,), daemon=True).start()
+
+    def wait_ready(self, http_port: int) -> tuple[int, str] | None:
+        """Poll `/v2/health/ready` until it answers (None), or return the exit code and reason
+        when Triton exits, is stopped, or is not ready within `--ready-timeout`."""
+        assert self.proc is not None
+        url = f"http://{url_host(connect_host(self.args.bind_address))}:{http_port}"
+        deadline = time.monotonic() + self.args.ready_timeout
+        while self.proc.poll() is None and self.stop_signal is None:
+            if is_ready(url, timeout=1.0):
+                return None
+            if time.monotonic() > deadline:
+                self.terminate()
+                return 3, f"tritonserver was not ready after {self.args.ready_timeout:g} s"
+            time.sleep(0.3)
+        code = self.proc.wait()
+        if self.stop_signal is not None:
+            return 0, f"stopped by signal {self.stop_signal} before ready"
+        return code or 1, f"tritonserver exited with code {code} before it was ready"
+
+    def terminate(self) -> None:
+        """SIGTERM tritonserver, SIGKILL it after 15 s."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def publish(self, ports: list[int]) -> None:
+        """Write the endpoint file the executor reads (atomically), once Triton is ready."""
+        assert self.proc is not None
+        host = advertised_host(self.args)
+        url = f"http://{url_host(host)}:{ports[0]}"
         write_json(
-            exit_file,
-            {"job_id": job_id, "exit_code": code, "reason": reason, "ended_at": time.time()},
+            self.endpoint,
+            {
+                "job_id": self.job_id,
+                "host": host,
+                "node": socket.gethostname(),
+                "http_port": ports[0],
+                "grpc_port": ports[1],
+                "metrics_port": ports[2],
+                "url": url,
+                "pid": self.proc.pid,
+                "ready_at": time.time(),
+            },
+        )
+        log(f"ready: {url} (grpc {ports[1]}, metrics {ports[2]})")
+
+    def wait_exit(self) -> tuple[int, str]:
+        """Wait for tritonserver to end; its exit code and why (0 when it was asked to stop)."""
+        assert self.proc is not None
+        while True:
+            try:
+                code = self.proc.wait()
+                break
+            except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for safety
+                continue
+        if self.stop_signal is not None:
+            return 0, f"tritonserver stopped (signal {self.stop_signal}), exit code {code}"
+        return code or 1, f"tritonserver exited unexpectedly with code {code}"
+
+    def finish(self, code: int, reason: str) -> int:
+        """Remove the endpoint, clean up Triton's leftovers, write the exit file; return `code`."""
+        self.endpoint.unlink(missing_ok=True)
+        if self.proc is not None:
+            kill_group(self.proc.pid)
+        remove_container(self.args)
+        write_json(
+            self.exit_file,
+            {"job_id": self.job_id, "exit_code": code, "reason": reason, "ended_at": time.time()},
         )
         log(reason)
         return code
 
-    try:
-        ports = free_ports(args.bind_address or "0.0.0.0", 3)
-        cmd, env = build_command(args, ports)
-    except (ExecutorError, OSError) as exc:
-        return finish(2, f"cannot start tritonserver: {exc}")
-    log(f"job {job_id} on {socket.gethostname()}: {' '.join(cmd)}")
-    # Triton gets its own process group: when it ends, whatever it left behind (python backend
-    # stubs orphaned by a crash) is killed with the group, even where Slurm tracks processes only
-    # by ancestry (proctrack/linuxproc) and would miss them.
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    stopping = {"signal": None}
 
-    def forward(signum: int, _frame: object) -> None:
-        first = stopping["signal"] is None
-        stopping["signal"] = signum
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            if first and args.container in ("podman", "docker"):
-                # The runtime's own signal proxy may be killed by the same scancel: stop the
-                # container through the runtime, or it would outlive the job.
-                threading.Thread(target=stop_container, args=(args,), daemon=True).start()
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-
-    url_local = f"http://{check_host}:{ports[0]}"
-    deadline = time.monotonic() + args.ready_timeout
-    while proc.poll() is None and stopping["signal"] is None:
-        if is_ready(url_local, timeout=1.0):
-            break
-        if time.monotonic() > deadline:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            return finish(3, f"tritonserver was not ready after {args.ready_timeout:g} s")
-        time.sleep(0.3)
-    else:
-        code = proc.wait()
-        if stopping["signal"] is not None:
-            return finish(0, f"stopped by signal {stopping['signal']} before ready")
-        return finish(code or 1, f"tritonserver exited with code {code} before it was ready")
-
-    write_json(
-        endpoint,
-        {
-            "job_id": job_id,
-            "host": host,
-            "node": socket.gethostname(),
-            "http_port": ports[0],
-            "grpc_port": ports[1],
-            "metrics_port": ports[2],
-            "url": f"http://{host}:{ports[0]}",
-            "pid": proc.pid,
-            "ready_at": time.time(),
-        },
-    )
-    log(f"ready: http://{host}:{ports[0]} (grpc {ports[1]}, metrics {ports[2]})")
-    while True:
-        try:
-            code = proc.wait()
-            break
-        except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for safety
-            continue
-    if stopping["signal"] is not None:
-        return finish(0, f"tritonserver stopped (signal {stopping['signal']}), exit code {code}")
-    return finish(code or 1, f"tritonserver exited unexpectedly with code {code}")
+def main(argv: list[str] | None = None) -> int:
+    """Start Triton, publish its endpoint when ready, wait for it, report how it ended."""
+    return Launcher(parse_args(argv)).run()
 
 
 if __name__ == "__main__":

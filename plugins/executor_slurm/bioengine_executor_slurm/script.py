@@ -14,11 +14,11 @@ import jinja2
 
 from bioengine_core.contracts import ReplicaSpec
 from bioengine_core.errors import ConfigError
+from bioengine_core.util import DEPLOYMENT_LABEL
 
 from .settings import SlurmSettings
 
 DEFAULT_TEMPLATE = "job.sh.j2"
-DEPLOYMENT_LABEL = "bioengine.deployment"
 COMMENT_PREFIX = "bioengine:"
 _SAFE = "._-/:@"
 

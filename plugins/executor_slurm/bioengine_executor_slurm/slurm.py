@@ -22,6 +22,7 @@ from bioengine_core.commands import run_command
 from bioengine_core.errors import CommandError, ExecutorError
 
 from .jobenv import JOB_ALLOW, SBATCH_ALLOW, SLURM_CLIENT_ALLOW
+from .states import ALIVE_STATES
 
 log = logging.getLogger(__name__)
 
@@ -36,67 +37,6 @@ TRANSIENT_ERRORS = (
     "Connection timed out",
     "Transport endpoint is not connected",
 )
-
-# Job states in which a job may still run (or runs).
-ALIVE_STATES = frozenset(
-    {
-        "PENDING",
-        "CONFIGURING",
-        "RUNNING",
-        "SUSPENDED",
-        "REQUEUED",
-        "REQUEUE_FED",
-        "REQUEUE_HOLD",
-        "RESIZING",
-        "SIGNALING",
-        "STAGE_OUT",
-        "RESV_DEL_HOLD",
-    }
-)
-# Pending reasons that will not clear by waiting: the request itself does not fit.
-UNSATISFIABLE_REASONS = {
-    "PartitionConfig": "the job asks for more than the partition's nodes offer "
-    "(e.g. more CPUs or memory than a node has)",
-    "BadConstraints": "no node satisfies the job's constraints (CPUs, memory, features)",
-    "PartitionNodeLimit": "the job asks for more nodes than the partition allows",
-    "PartitionTimeLimit": "the job's time limit exceeds the partition's maximum",
-    "InvalidAccount": "the account is not valid",
-    "InvalidQOS": "the QOS is not valid",
-    "QOSMaxCpuPerJobLimit": "the job asks for more CPUs than its QOS allows",
-    "QOSMaxGRESPerJob": "the job asks for more GPUs than its QOS allows",
-    "QOSMaxWallDurationPerJobLimit": "the job's time limit exceeds its QOS's maximum",
-    "AccountNotAllowed": "the account may not use this partition",
-    "QOSNotAllowed": "the QOS may not be used on this partition",
-    "ReqNodeNotAvail": "a required node is not available (down, drained or reserved)",
-    "PartitionDown": "the partition is down",
-    "PartitionInactive": "the partition is inactive",
-    "NodeDown": "a required node is down",
-}
-WAIT_REASONS = {
-    "Resources": "waiting for free resources",
-    "Priority": "waiting behind higher-priority jobs",
-    "Dependency": "waiting for a dependency",
-    "BeginTime": "waiting for its begin time",
-    "JobHeldUser": "held by a user (scontrol release)",
-    "JobHeldAdmin": "held by an administrator",
-    "None": "waiting to be scheduled",
-}
-# How a job that ended reports itself.
-END_MESSAGES = {
-    "TIMEOUT": "the job reached its Slurm time limit",
-    "NODE_FAIL": "the job's node failed",
-    "PREEMPTED": "the job was preempted by Slurm",
-    "BOOT_FAIL": "the job's node failed to boot",
-    "DEADLINE": "the job reached its deadline",
-    "OUT_OF_MEMORY": "the job ran out of memory",
-    "CANCELLED": "the job was cancelled outside BioEngine (scancel by a user, an administrator "
-    "or a policy)",
-    "FAILED": "the job failed",
-    "COMPLETED": "the job ended (the launcher exited)",
-    "COMPLETING": "the job is ending",
-    "SPECIAL_EXIT": "the job ended with a special exit state",
-    "REVOKED": "the job was revoked (federation)",
-}
 
 
 @dataclass
@@ -433,13 +373,6 @@ class SlurmCLI:
                 exit_code=exit_code,
             )
         return None
-
-
-def explain_reason(reason: str) -> tuple[str, bool]:
-    """A pending reason in words, and whether waiting can resolve it."""
-    if reason in UNSATISFIABLE_REASONS:
-        return UNSATISFIABLE_REASONS[reason], False
-    return WAIT_REASONS.get(reason, "waiting"), True
 
 
 def sbatch_hint(stderr: str) -> str:

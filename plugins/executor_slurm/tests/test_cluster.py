@@ -105,39 +105,20 @@ def test_restarted_executor_adopts_jobs_without_duplicates(make_executor, spec, 
     assert second.list(spec.deployment) == []
 
 
-def test_stop_cancels_only_our_jobs(make_executor, spec, tmp_path):
+def test_stop_cancels_only_our_jobs(make_executor, spec, foreign_job):
     """Stopping every replica leaves a foreign job (same user, other name) running."""
-    foreign = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            "--job-name=someone-elses-analysis",
-            "-c",
-            "1",
-            "-t",
-            "5",
-            f"--output={tmp_path}/foreign.out",
-            "--wrap",
-            "sleep 300",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    try:
-        executor = make_executor()
-        ours = executor.start(spec)
-        wait_for(executor, ours.replica_id, {ReplicaState.READY})
-        # Refuses to touch a job that is not ours, even when asked by id.
-        executor.stop(foreign, grace=1)
-        assert executor.status(foreign).state is ReplicaState.STOPPED  # "not ours" reads as gone
-        for status in executor.list(spec.deployment):
-            executor.stop(status.replica_id, grace=5)
-        assert squeue_state(ours.replica_id) in ("CANCELLED", "COMPLETING", "")
-        assert squeue_state(foreign) in ("RUNNING", "PENDING")
-        assert executor.list(spec.deployment) == []
-    finally:
-        subprocess.run(["scancel", foreign])
+    foreign = foreign_job("someone-elses-analysis", "-c", "1")
+    executor = make_executor()
+    ours = executor.start(spec)
+    wait_for(executor, ours.replica_id, {ReplicaState.READY})
+    # Refuses to touch a job that is not ours, even when asked by id.
+    executor.stop(foreign, grace=1)
+    assert executor.status(foreign).state is ReplicaState.STOPPED  # "not ours" reads as gone
+    for status in executor.list(spec.deployment):
+        executor.stop(status.replica_id, grace=5)
+    assert squeue_state(ours.replica_id) in ("CANCELLED", "COMPLETING", "")
+    assert squeue_state(foreign) in ("RUNNING", "PENDING")
+    assert executor.list(spec.deployment) == []
 
 
 def test_job_requesting_more_cpus_than_any_node_reports_slurms_reason(make_executor, spec):

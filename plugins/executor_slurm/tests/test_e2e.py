@@ -211,47 +211,30 @@ def test_outside_scancel_under_load_loses_no_request(served):
     assert "outside BioEngine" in output or "CANCELLED" in output
 
 
-def test_kill9_then_serve_adopts_jobs_and_sigterm_cancels_only_ours(served, tmp_path):
+def test_kill9_then_serve_adopts_jobs_and_sigterm_cancels_only_ours(served, foreign_job):
     """kill -9 of serve leaves the jobs; a new serve adopts them; SIGTERM cancels only ours."""
     url, name = served["url"], served["name"]
     jobs = our_jobs(name)
     assert len(jobs) == 2
-    foreign = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            "--job-name=another-users-job",
-            "-t",
-            "5",
-            f"--output={tmp_path}/foreign.out",
-            "--wrap",
-            "sleep 300",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    foreign = foreign_job("another-users-job")
+    served["serve"].stop(signal.SIGKILL)
+    time.sleep(1)
+    assert our_jobs(name) == jobs  # the jobs outlive a crashed engine
+    served["serve"] = second = Serve(served["config"])
+    second.wait_serving(timeout=300)
+    assert second.output.count("adopted running replica") == 2, second.output
+    assert "started replica" not in second.output  # no duplicates submitted
+    assert our_jobs(name) == jobs
+    wait_for(lambda: get_status(url)["ready_replicas"] == 2, 120, "adopted replicas ready")
+    np.testing.assert_allclose(infer(url), Y, atol=1e-4, rtol=1e-4)
+    assert second.stop(signal.SIGTERM) == 0
+    assert our_jobs(name) == {}
+    state_dir = served["config"].parent / "state"
+    wait_for(lambda: not leftovers(state_dir), 30, "no Triton process left behind")
+    state = subprocess.run(
+        ["squeue", "-h", "-j", foreign, "-o", "%T"], capture_output=True, text=True
     ).stdout.strip()
-    try:
-        served["serve"].stop(signal.SIGKILL)
-        time.sleep(1)
-        assert our_jobs(name) == jobs  # the jobs outlive a crashed engine
-        served["serve"] = second = Serve(served["config"])
-        second.wait_serving(timeout=300)
-        assert second.output.count("adopted running replica") == 2, second.output
-        assert "started replica" not in second.output  # no duplicates submitted
-        assert our_jobs(name) == jobs
-        wait_for(lambda: get_status(url)["ready_replicas"] == 2, 120, "adopted replicas ready")
-        np.testing.assert_allclose(infer(url), Y, atol=1e-4, rtol=1e-4)
-        assert second.stop(signal.SIGTERM) == 0
-        assert our_jobs(name) == {}
-        state_dir = served["config"].parent / "state"
-        wait_for(lambda: not leftovers(state_dir), 30, "no Triton process left behind")
-        state = subprocess.run(
-            ["squeue", "-h", "-j", foreign, "-o", "%T"], capture_output=True, text=True
-        ).stdout.strip()
-        assert state in ("RUNNING", "PENDING"), f"foreign job {foreign} is {state!r}"
-    finally:
-        subprocess.run(["scancel", foreign], capture_output=True)
+    assert state in ("RUNNING", "PENDING"), f"foreign job {foreign} is {state!r}"
 
 
 def test_two_minute_jobs_are_succeeded_without_gap(tmp_path):

@@ -20,16 +20,9 @@ from bioengine_executor_slurm.slurm import SlurmCLI, job_environment
 from pydantic import ValidationError
 
 from bioengine_core.contracts import ReplicaSpec, ReplicaState, RepositoryLocation
+from bioengine_core.testing.environ import ENGINE_SECRETS, environ_of
 
-
-def environ_of(pid: int) -> tuple[bytes, dict[str, str]]:
-    """The environment process `pid` started with: raw /proc/PID/environ and parsed."""
-    raw = Path(f"/proc/{pid}/environ").read_bytes()
-    pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
-    return raw, {k.decode(errors="replace"): v.decode(errors="replace") for k, _, v in pairs}
-
-
-SECRET_VALUES = ("admin-token-4b1d9e", "hypha-secret-9c2f07", "engine-s3-secret-77e1a3")
+SECRET_VALUES = tuple(ENGINE_SECRETS.values())
 
 
 def test_sbatch_environment_is_an_allow_list(engine_secrets) -> None:

@@ -23,6 +23,8 @@ import numpy as np
 from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from bioengine_core.util import connect_host, url_host
+
 from .errors import public_error
 from .npz import MAX_MEMBERS, NpzRefused, inspect_npz, read_arrays
 
@@ -181,8 +183,7 @@ class DirectServer:
     @property
     def url(self) -> str:
         """Where this server listens, as this host reaches it."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{url_host(connect_host(self.host))}:{self.port}"
 
     async def stop(self) -> None:
         """Stop serving. Idempotent."""

@@ -7,7 +7,6 @@ import ctypes
 import logging
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import aiohttp
 
 from bioengine_core.childenv import child_env
 from bioengine_core.errors import BioEngineError
+from bioengine_core.util import connect_host, free_port, url_host
 
 log = logging.getLogger("bioengine.gateway.hypha")
 
@@ -29,13 +29,6 @@ options (`--from-env`) and what Python needs to import the same packages."""
 
 class HyphaServerError(BioEngineError):
     """The embedded Hypha server could not be started."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that is free on `host` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def hypha_installed() -> bool:
@@ -83,8 +76,7 @@ class EmbeddedHyphaServer:
     @property
     def url(self) -> str:
         """Base URL of the server as this host reaches it."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{url_host(connect_host(self.host))}:{self.port}"
 
     def command(self) -> list[str]:
         """The command line that starts the server (no secrets in it).
@@ -129,7 +121,9 @@ class EmbeddedHyphaServer:
         env = self.environment()
         logfile = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         try:
-            # Popen from the event-loop thread: PDEATHSIG follows the thread that forked.
+            # Not bioengine_core.commands.start_process: that offers no preexec_fn, and this
+            # child must get PDEATHSIG (no Hypha server outlives a killed engine). Popen runs
+            # in the event-loop thread: PDEATHSIG follows the thread that forked.
             self.process = subprocess.Popen(
                 self.command(),
                 stdout=logfile,

@@ -219,6 +219,19 @@ class ToyService(Service):
             "outputs": {key: {"max_abs_error": err}},
         }
 
+    def model_ids(self) -> list[str]:
+        return sorted(self.models)
+
+    async def triton_get(self, model_id, what="metadata", *, version=None):
+        self._model(model_id)
+        return 200, b"{}"
+
+    def ready_replicas(self) -> int:
+        return 1
+
+    def metrics_text(self) -> bytes:
+        return b""
+
     def status(self) -> dict[str, Any]:
         return {
             "deployment": "toy",

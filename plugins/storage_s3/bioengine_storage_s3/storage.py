@@ -112,6 +112,43 @@ def _size(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+@dataclass
+class _PublishPlan:
+    """What one `put` sends and rewrites, decided from reads before anything is written."""
+
+    tree: str
+    """Key prefix of the model tree (`PREFIX/NAME/`)."""
+    old: dict[str, Any] | None
+    """The manifest of the version being replaced (None: a new model)."""
+    missing: dict[str, str]
+    """sha256 -> the first file with that content, for content no blob holds yet."""
+    changed: list[str]
+    """Files to (re)write in the tree."""
+    stale: list[str]
+    """Files of the old version the new one lacks (deleted from the tree)."""
+
+    @property
+    def old_files(self) -> dict[str, Any]:
+        """The old manifest's files (empty for a new model)."""
+        return self.old["files"] if self.old else {}
+
+
+def _in_place(
+    item: tuple[Path, int, str], before: dict[str, Any] | None, obj: dict[str, Any] | None
+) -> bool:
+    """True when the tree object `obj` is the one the old manifest recorded (`before`, by
+    ETag and size) and has the content of the local file `item`: nothing to rewrite."""
+    _, size, sha = item
+    return bool(
+        before
+        and obj
+        and before.get("sha256") == sha
+        and before.get("etag")
+        and before.get("etag") == obj.get("ETag")
+        and obj.get("Size") == size
+    )
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -151,6 +188,27 @@ class _Progress:
                 self.next_step = (percent // 25 + 1) * 25
 
 
+def _s3_client(settings: S3StorageSettings, creds: dict[str, str]) -> Any:
+    """A boto3 S3 client for the settings' endpoint, with `creds` (AWS_* names) if given."""
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=settings.endpoint_url,
+        region_name=settings.region,
+        aws_access_key_id=creds.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
+        aws_session_token=creds.get("AWS_SESSION_TOKEN"),
+        verify=settings.verify_tls,
+        config=Config(
+            s3={"addressing_style": "path" if settings.path_style() else "auto"},
+            retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+            max_pool_connections=max(10, 2 * settings.max_concurrency),
+            # Only checksums the server asked for: on-site S3 servers vary in support.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    )
+
+
 class S3Storage(Storage):
     """Model repository in `s3://bucket/prefix/`; optionally mirrored to a local directory."""
 
@@ -173,24 +231,7 @@ class S3Storage(Storage):
                 f"[storage] names the environment variable {exc.args[0]} for S3 credentials, "
                 "but it is not set"
             ) from None
-        creds = self._credentials or {}
-        self._client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=settings.endpoint_url,
-            region_name=settings.region,
-            aws_access_key_id=creds.get("AWS_ACCESS_KEY_ID"),
-            aws_secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
-            aws_session_token=creds.get("AWS_SESSION_TOKEN"),
-            verify=settings.verify_tls,
-            config=Config(
-                s3={"addressing_style": "path" if settings.path_style() else "auto"},
-                retries={"max_attempts": settings.max_attempts, "mode": "standard"},
-                max_pool_connections=max(10, 2 * settings.max_concurrency),
-                # Only checksums the server asked for: on-site S3 servers vary in support.
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            ),
-        )
+        self._client = _s3_client(settings, self._credentials or {})
         self._transfer = TransferConfig(
             multipart_threshold=settings.multipart_threshold_mb * 1024 * 1024,
             multipart_chunksize=max(8, settings.multipart_threshold_mb // 4) * 1024 * 1024,
@@ -401,93 +442,117 @@ class S3Storage(Storage):
             self._sync_model(name, manifest)
 
     def _put(self, name: str, local: dict[str, tuple[Path, int, str]]) -> dict[str, Any]:
+        """Publish the files `local` (rel -> path, size, sha256) as `name`; the new manifest."""
         started = time.monotonic()
         report = PublishReport(name=name, version=uuid.uuid4().hex[:12])
-        tree = self._key(name) + "/"
-        old = self.read_manifest(name)
-        old_files: dict[str, Any] = old["files"] if old else {}
-        present = {obj["Key"][len(tree) :]: obj for obj in self._list(tree)}
+        plan = self._plan_publish(name, local)
 
         # 1. Content: upload what the bucket does not hold yet (invisible to Triton and get).
-        blobs_dir = self._key(META, "blobs") + "/"
-        blobs = {obj["Key"][len(blobs_dir) :]: obj["Size"] for obj in self._list(blobs_dir)}
-        missing: dict[str, str] = {}  # sha -> first rel with that content
-        for rel, (_, size, sha) in local.items():
-            if blobs.get(sha) != size and sha not in missing:
-                missing[sha] = rel
-        with ThreadPoolExecutor(max_workers=self.settings.max_concurrency) as pool:
-            list(pool.map(lambda rel: self._upload_blob(name, rel, local[rel]), missing.values()))
-        report.uploaded = sorted(rel for rel, (_, _, sha) in local.items() if sha in missing)
-        report.bytes_uploaded = sum(local[rel][1] for rel in missing.values())
+        self._upload_blobs(name, local, plan.missing)
+        report.uploaded = sorted(rel for rel, (_, _, sha) in local.items() if sha in plan.missing)
+        report.bytes_uploaded = sum(local[rel][1] for rel in plan.missing.values())
 
-        # 2. The tree: server-side copies of changed files, config.pbtxt last, then deletions.
-        def unchanged(rel: str) -> bool:
-            _, size, sha = local[rel]
-            before, obj = old_files.get(rel), present.get(rel)
-            return bool(
-                before
-                and obj
-                and before.get("sha256") == sha
-                and before.get("etag")
-                and before.get("etag") == obj.get("ETag")
-                and obj.get("Size") == size
-            )
-
-        changed = [rel for rel in local if not unchanged(rel)]
-        stale = sorted(rel for rel in present if rel not in local)
+        # 2. The tree (changed files, config.pbtxt last, then deletions), then the manifest:
+        # the one step that makes the new version visible. A failure puts the tree back.
         try:
-            body = [rel for rel in changed if rel != CONFIG]
-            with ThreadPoolExecutor(max_workers=self.settings.max_concurrency) as pool:
-                list(pool.map(lambda rel: self._copy_blob(local[rel][2], tree + rel), body))
-            if CONFIG in changed:
-                self._copy_blob(local[CONFIG][2], tree + CONFIG)
-            self._delete_keys([tree + rel for rel in stale])
-            # The ETags S3 gave the objects now in place: the next put compares against them.
-            etags = {obj["Key"][len(tree) :]: obj.get("ETag") for obj in self._list(tree)}
-            absent = [rel for rel in local if rel not in etags]
-            if absent:
-                raise S3StorageError(
-                    f"files of {name} are missing from {self._url(tree)} right after publishing: "
-                    f"{', '.join(absent[:5])} (is another process writing there?)",
-                    code="NoSuchKey",
-                    operation="ListObjectsV2",
-                    key=tree + absent[0],
-                )
-            manifest = {
-                "format": MANIFEST_FORMAT,
-                "name": name,
-                "version": report.version,
-                "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "files": {
-                    rel: {"sha256": sha, "size": size, "etag": etags[rel]}
-                    for rel, (_, size, sha) in local.items()
-                },
-            }
-            key = self._manifest_key(name)
-            self._call(
-                "PutObject",
-                key,
-                self._client.put_object,
-                Bucket=self.bucket,
-                Key=key,
-                Body=json.dumps(manifest, indent=1, sort_keys=True).encode(),
-                ContentType="application/json",
-            )
+            etags = self._switch_tree(name, local, plan)
+            manifest = self._write_manifest(name, report.version, local, etags)
         except BaseException:
-            self._restore_tree(name, old_files, changed + stale)
+            self._restore_tree(name, plan.old_files, plan.changed + plan.stale)
             raise
-        report.updated = sorted(changed)
-        report.unchanged = sorted(rel for rel in local if rel not in changed)
-        report.removed = stale
+        report.updated = sorted(plan.changed)
+        report.unchanged = sorted(rel for rel in local if rel not in plan.changed)
+        report.removed = plan.stale
 
         # 3. Blobs no manifest needs any more (the replaced version's stay for running readers).
         try:
-            self._collect_garbage(keep=old)
+            self._collect_garbage(keep=plan.old)
         except StorageError as exc:  # the publish itself succeeded; the next one cleans up
             log.warning("published %s, but removing unused blobs failed: %s", name, exc)
         report.seconds = time.monotonic() - started
         self.last_publish = report
         self.progress(report.summary())
+        return manifest
+
+    def _plan_publish(self, name: str, local: dict[str, tuple[Path, int, str]]) -> _PublishPlan:
+        """Compare `local` with the published manifest, the tree and the blobs (reads only)."""
+        tree = self._key(name) + "/"
+        old = self.read_manifest(name)
+        old_files: dict[str, Any] = old["files"] if old else {}
+        present = {obj["Key"][len(tree) :]: obj for obj in self._list(tree)}
+        blobs_dir = self._key(META, "blobs") + "/"
+        blobs = {obj["Key"][len(blobs_dir) :]: obj["Size"] for obj in self._list(blobs_dir)}
+        missing: dict[str, str] = {}
+        for rel, (_, size, sha) in local.items():
+            if blobs.get(sha) != size and sha not in missing:
+                missing[sha] = rel
+        changed = [
+            rel
+            for rel, item in local.items()
+            if not _in_place(item, old_files.get(rel), present.get(rel))
+        ]
+        stale = sorted(rel for rel in present if rel not in local)
+        return _PublishPlan(tree=tree, old=old, missing=missing, changed=changed, stale=stale)
+
+    def _upload_blobs(
+        self, name: str, local: dict[str, tuple[Path, int, str]], missing: dict[str, str]
+    ) -> None:
+        """Upload the content of the files `missing` names, in parallel (progress for big ones)."""
+        with ThreadPoolExecutor(max_workers=self.settings.max_concurrency) as pool:
+            list(pool.map(lambda rel: self._upload_blob(name, rel, local[rel]), missing.values()))
+
+    def _switch_tree(
+        self, name: str, local: dict[str, tuple[Path, int, str]], plan: _PublishPlan
+    ) -> dict[str, Any]:
+        """Copy the changed files from their blobs into the tree (config.pbtxt last), delete the
+        stale ones; the ETags S3 gave the objects now in place (the next put compares them)."""
+        tree = plan.tree
+        body = [rel for rel in plan.changed if rel != CONFIG]
+        with ThreadPoolExecutor(max_workers=self.settings.max_concurrency) as pool:
+            list(pool.map(lambda rel: self._copy_blob(local[rel][2], tree + rel), body))
+        if CONFIG in plan.changed:
+            self._copy_blob(local[CONFIG][2], tree + CONFIG)
+        self._delete_keys([tree + rel for rel in plan.stale])
+        etags = {obj["Key"][len(tree) :]: obj.get("ETag") for obj in self._list(tree)}
+        absent = [rel for rel in local if rel not in etags]
+        if absent:
+            raise S3StorageError(
+                f"files of {name} are missing from {self._url(tree)} right after publishing: "
+                f"{', '.join(absent[:5])} (is another process writing there?)",
+                code="NoSuchKey",
+                operation="ListObjectsV2",
+                key=tree + absent[0],
+            )
+        return etags
+
+    def _write_manifest(
+        self,
+        name: str,
+        version: str,
+        local: dict[str, tuple[Path, int, str]],
+        etags: dict[str, Any],
+    ) -> dict[str, Any]:
+        """PUT the manifest of version `version` (the single step that publishes it); returns it."""
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "name": name,
+            "version": version,
+            "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "files": {
+                rel: {"sha256": sha, "size": size, "etag": etags[rel]}
+                for rel, (_, size, sha) in local.items()
+            },
+        }
+        key = self._manifest_key(name)
+        self._call(
+            "PutObject",
+            key,
+            self._client.put_object,
+            Bucket=self.bucket,
+            Key=key,
+            Body=json.dumps(manifest, indent=1, sort_keys=True).encode(),
+            ContentType="application/json",
+        )
         return manifest
 
     def _restore_tree(self, name: str, old_files: dict[str, Any], touched: list[str]) -> None:
@@ -592,25 +657,8 @@ class S3Storage(Storage):
                 raise StorageError(
                     f"model {name!r} is not in the repository {self._url(self._key())}"
                 )
-            shutil.rmtree(into, ignore_errors=True)
-            into.mkdir(parents=True)
             try:
-                jobs = []
-                for rel, entry in manifest["files"].items():
-                    target = into / rel
-                    same = reuse(rel, entry)
-                    if same is not None:
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        try:
-                            os.link(same, target)
-                        except OSError:
-                            shutil.copy2(same, target)
-                        continue
-                    jobs.append(
-                        (self._blob_key(entry["sha256"]), target, entry["sha256"], entry["size"])
-                    )
-                with ThreadPoolExecutor(max_workers=self.settings.max_concurrency) as pool:
-                    list(pool.map(lambda job: self._download(*job), jobs))
+                self._fill(into, manifest, reuse)
                 return manifest
             except _Changing as exc:
                 last = str(exc)
@@ -622,6 +670,31 @@ class S3Storage(Storage):
                 )
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    def _fill(
+        self,
+        into: Path,
+        manifest: dict[str, Any],
+        reuse: Callable[[str, dict[str, Any]], Path | None],
+    ) -> None:
+        """Make `into` hold the files of `manifest`: linked or copied where `reuse` names a local
+        file with that content, else downloaded from the blobs; _Changing when one is gone."""
+        shutil.rmtree(into, ignore_errors=True)
+        into.mkdir(parents=True)
+        jobs = []
+        for rel, entry in manifest["files"].items():
+            target = into / rel
+            same = reuse(rel, entry)
+            if same is not None:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(same, target)
+                except OSError:
+                    shutil.copy2(same, target)
+                continue
+            jobs.append((self._blob_key(entry["sha256"]), target, entry["sha256"], entry["size"]))
+        with ThreadPoolExecutor(max_workers=self.settings.max_concurrency) as pool:
+            list(pool.map(lambda job: self._download(*job), jobs))
 
     def get(self, name: str, dest: Path) -> Path:
         """Copy one complete version of model `name` into `dest`; StorageError if absent."""

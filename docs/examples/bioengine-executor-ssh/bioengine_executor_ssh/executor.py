@@ -17,10 +17,10 @@ from bioengine_core.contracts import (
 )
 from bioengine_core.errors import ExecutorError
 from bioengine_core.triton import is_ready
+from bioengine_core.util import DEPLOYMENT_LABEL
 
 from .settings import SshSettings
 
-DEPLOYMENT_LABEL = "bioengine.deployment"
 REMOTE_SOURCE = Path(__file__).with_name("remote.py").read_text()
 
 SSH_ENV = ("SSH_AUTH_SOCK",)

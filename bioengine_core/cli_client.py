@@ -1,0 +1,240 @@
+"""`bioengine infer` and `bioengine status`: the client side of the command line.
+
+Both talk to a running gateway over HTTP (KServe v2 with a stock Triton client for `infer`,
+`/bioengine/status` for `status`) with an optional API token and a private CA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .cli_common import console, err, load
+from .util import connect_host, url_host
+
+TokenFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--token-file",
+        help="File holding an API token for the gateway (or set BIOENGINE_TOKEN; never pass "
+        "a token on the command line, where other users can read it).",
+    ),
+]
+CaOpt = Annotated[
+    Path | None, typer.Option("--cacert", help="CA certificate to trust for an https:// URL.")
+]
+
+
+def _token(token_file: Path | None) -> str | None:
+    """The API token from --token-file or BIOENGINE_TOKEN (None: call without one)."""
+    if token_file is not None:
+        try:
+            value = token_file.read_text().strip()
+        except OSError as exc:
+            err.print(f"error: cannot read --token-file {token_file}: {exc}", markup=False)
+            raise typer.Exit(2) from None
+        return value or None
+    return os.environ.get("BIOENGINE_TOKEN", "").strip() or None
+
+
+def _auth_headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _gateway_url(url: str | None, config: Path | None) -> str:
+    """--url, else the HTTP gateway of --config (as this host reaches it), else the default."""
+    if url:
+        return url.rstrip("/")
+    if config:
+        cfg = load(config)
+        for backend in cfg.gateways.values():
+            if backend.settings.kind == "http":
+                s = backend.settings
+                scheme = "https" if getattr(s, "tls_cert_file", None) else "http"
+                return f"{scheme}://{url_host(connect_host(s.host))}:{s.port}"
+    return "http://127.0.0.1:9000"
+
+
+def infer(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Model id, e.g. unet2d_nuclei_broad.")
+    ],
+    input: Annotated[
+        list[str],
+        typer.Option(
+            "--input", "-i", help="Input .npy file, or NAME=FILE.npy (repeat for several inputs)."
+        ),
+    ],
+    output: Annotated[
+        list[str],
+        typer.Option("--output", "-o", help="Where to write the output .npy, or NAME=FILE.npy."),
+    ],
+    url: Annotated[str | None, typer.Option(help="Gateway URL (default from --config).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="site.toml")] = None,
+    token_file: TokenFileOpt = None,
+    cacert: CaOpt = None,
+) -> None:
+    """Send .npy files to a served model and save its outputs (uses a stock Triton client)."""
+    import numpy as np
+    import tritonclient.http as tc
+    from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+    base = _gateway_url(url, config)
+    headers = _auth_headers(_token(token_file))
+    secure = base.startswith("https://")
+    tls: dict = {}
+    if secure:
+        import gevent.ssl
+
+        def context_factory():
+            return gevent.ssl.create_default_context(cafile=str(cacert) if cacert else None)
+
+        tls = {"ssl": True, "ssl_context_factory": context_factory}
+    client = tc.InferenceServerClient(
+        base.split("://", 1)[1], network_timeout=300, connection_timeout=30, **tls
+    )
+    try:
+        meta = client.get_model_metadata(model, headers=headers)
+        in_names = [t["name"] for t in meta["inputs"]]
+        out_names = [t["name"] for t in meta["outputs"]]
+        arrays = {}
+        for pos, item in enumerate(input):
+            name, _, path = item.rpartition("=") if "=" in item else (in_names[pos], "", item)
+            arrays[name] = np.load(path)
+        inputs = []
+        for name, arr in arrays.items():
+            x = tc.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+            x.set_data_from_numpy(arr, binary_data=True)
+            inputs.append(x)
+        targets = {}
+        for pos, item in enumerate(output):
+            name, _, path = item.rpartition("=") if "=" in item else (out_names[pos], "", item)
+            targets[name] = path
+        started = time.perf_counter()
+        result = client.infer(
+            model,
+            inputs,
+            outputs=[tc.InferRequestedOutput(n, binary_data=True) for n in targets],
+            headers=headers,
+        )
+        elapsed = time.perf_counter() - started
+    except InferenceServerException as exc:
+        err.print(f"[red]error:[/red] {exc.message()}", highlight=False, markup=False)
+        raise typer.Exit(1) from None
+    except Exception as exc:  # connection refused etc.
+        err.print(f"[red]error:[/red] cannot reach {base}: {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    for name, path in targets.items():
+        arr = result.as_numpy(name)
+        np.save(path, arr)
+        console.print(f"{name}: {arr.shape} {arr.dtype} -> {path}", highlight=False)
+    console.print(f"done in {elapsed * 1000:.1f} ms", highlight=False)
+
+
+def status(
+    url: Annotated[str | None, typer.Option(help="Gateway URL (default from --config).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="site.toml")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    token_file: TokenFileOpt = None,
+    cacert: CaOpt = None,
+) -> None:
+    """Show what runs where: replicas, endpoints, states, models and request counts.
+
+    Replica details (processes, endpoints, paths) need an admin token when the gateway has
+    tokens; an inference token shows states and counts only.
+    """
+    base = _gateway_url(url, config)
+    data = _fetch_status(base, _token(token_file), cacert)
+    if data is None and config:
+        path = load(config).state_dir / "status.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            err.print(
+                f"[yellow]gateway {base} not reachable; last recorded state from {path}[/yellow]",
+                highlight=False,
+            )
+    if data is None:
+        err.print(
+            f"[red]no BioEngine answers at {base}[/red] (is `bioengine serve` running?)",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps(data, indent=1))
+        return
+    _render_status(data)
+
+
+def _fetch_status(base: str, token: str | None, cacert: Path | None) -> dict | None:
+    """GET /bioengine/status; None when nothing answers; exit 1 when the call is refused."""
+    context = ssl.create_default_context(cafile=str(cacert) if cacert else None)
+    request = urllib.request.Request(f"{base}/bioengine/status", headers=_auth_headers(token))
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            try:
+                reason = json.loads(exc.read()).get("error", "")
+            except ValueError:
+                reason = ""
+            err.print(
+                f"error: {base} refused the status call ({exc.code}): {reason}; pass "
+                "--token-file or set BIOENGINE_TOKEN",
+                markup=False,
+            )
+            raise typer.Exit(1) from None
+        return None
+    except (OSError, ValueError):
+        return None
+
+
+def _render_status(data: dict) -> None:
+    """The status as tables: deployment line, replicas, models, gateways."""
+    console.print(
+        f"deployment [bold]{data['deployment']}[/bold]: executor "
+        f"{data['executor']}, storage {data['storage']['kind']} "
+        f"({data['storage']['uri']}), {data['ready_replicas']}/"
+        f"{data['target_replicas']} replicas ready",
+        highlight=False,
+    )
+    table = Table(title="replicas")
+    for col in ("id", "state", "endpoint", "host", "requests", "in flight", "detail"):
+        table.add_column(col)
+    for r in data["replicas"]:
+        detail = r.get("message") or ""
+        if r.get("expires_at"):
+            detail += f" expires in {max(0, r['expires_at'] - time.time()):.0f}s"
+        table.add_row(
+            r["id"],
+            r["state"],
+            r.get("url") or "-",
+            r.get("host") or "-",
+            str(r.get("requests", 0)),
+            str(r.get("outstanding", 0)),
+            detail.strip(),
+        )
+    console.print(table)
+    models = Table(title="models")
+    for col in ("id", "weights", "backend", "requests", "errors"):
+        models.add_column(col)
+    for m in data["models"]:
+        models.add_row(
+            m["id"], m["weight_format"], m["backend"], str(m["requests"]), str(m["errors"])
+        )
+    console.print(models)
+    gws = Table(title="gateways")
+    for col in ("name", "kind", "url", "state"):
+        gws.add_column(col)
+    for name, g in data.get("gateways", {}).items():
+        gws.add_row(name, str(g.get("kind", "")), str(g.get("url", "")), str(g.get("state", "")))
+    console.print(gws)

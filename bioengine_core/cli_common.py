@@ -1,0 +1,48 @@
+"""What the `bioengine` commands share: the consoles, the plugin manager, config loading."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from .errors import ConfigError, PluginError
+
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Path to site.toml.")]
+
+
+@cache
+def _manager() -> Any:
+    from .plugins import PluginManager
+
+    return PluginManager()
+
+
+def plugins() -> Any:
+    """The plugin manager, built once per process; exit 2 with the reason when it fails."""
+    try:
+        return _manager()
+    except PluginError as exc:
+        err.print(f"plugin error: {exc}", markup=False)
+        raise typer.Exit(2) from None
+
+
+def load(config: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Any:
+    """The validated site config; exit 2 listing every problem (file, section, key)."""
+    from .config import load_config
+
+    try:
+        return load_config(config, plugins(), overrides=overrides)
+    except ConfigError as exc:
+        err.print(
+            f"[red]invalid configuration[/red] ({len(exc.problems)} problem(s)):", highlight=False
+        )
+        for problem in exc.problems:
+            err.print(f"  - {problem}", highlight=False, markup=False)
+        raise typer.Exit(2) from None

@@ -1,0 +1,246 @@
+"""The service facade: the one object gateways see (the `Service` contract, implemented).
+
+It answers the service API from the model catalog, the replica supervisor and the router:
+model listing and metadata, inference (validated, rebuilt, routed), model tests, status,
+readiness, metrics, forwarded Triton GETs and the admin calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+from .catalog import ModelCatalog
+from .config import ModelEntry, SiteConfig
+from .contracts import ModelInfo, Service
+from .errors import BioEngineError, InferenceError, InvalidInputError
+from .kserve import HEADER_LEN, check_response, parse_request
+from .metrics import Metrics
+from .router import Router, error_message
+from .supervisor import ReplicaSupervisor
+
+TRITON_GETS = {"metadata": "", "ready": "/ready", "config": "/config", "stats": "/stats"}
+"""What `triton_get` forwards: the suffix of `/v2/models/ID[/versions/N]` per kind."""
+
+
+class EngineService(Service):
+    """The engine's models and replicas as the service API."""
+
+    def __init__(
+        self,
+        *,
+        config: SiteConfig,
+        catalog: ModelCatalog,
+        supervisor: ReplicaSupervisor,
+        router: Router,
+        metrics: Metrics,
+        gateway_info: Any,
+        started_at: float,
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.supervisor = supervisor
+        self.router = router
+        self.metrics = metrics
+        self.gateway_info = gateway_info
+        self.started_at = started_at
+
+    # ---------------------------------------------------------------- models
+    def list_models(self) -> list[ModelInfo]:
+        return self.catalog.infos()
+
+    def model_ids(self) -> list[str]:
+        return self.catalog.ids()
+
+    def get_model(self, model_id: str) -> dict[str, Any]:
+        return self.catalog.get(model_id).package.rdf
+
+    def check_inputs(self, model_id: str, specs: dict[str, tuple[tuple[int, ...], str]]) -> None:
+        from .modelpkg import validate_input_specs
+
+        validate_input_specs(self.catalog.get(model_id).package, specs)
+
+    def timeout_for(self, model_id: str, timeout: float | None = None) -> float:
+        """The deadline of one request: the caller's, capped by the model's (or the engine's)
+        limit."""
+        model = self.catalog.models.get(model_id)
+        limit = (model.entry.timeout if model and model.entry.timeout else None) or (
+            self.config.engine.request_timeout
+        )
+        return min(timeout, limit) if timeout and timeout > 0 else limit
+
+    def would_time_out(self, model_id: str, timeout: float | None) -> bool:
+        if not timeout or timeout <= 0 or model_id not in self.catalog.models:
+            return False
+        return self.router.hopeless(
+            f"/v2/models/{model_id}/infer", self.timeout_for(model_id, timeout)
+        )
+
+    # ---------------------------------------------------------------- inference
+    async def infer(
+        self,
+        model_id: str,
+        inputs: dict[str, np.ndarray] | list[np.ndarray],
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        from .modelpkg import validate_inputs
+
+        model = self.catalog.get(model_id)
+        pkg = model.package
+        if isinstance(inputs, (list, tuple)):
+            if len(inputs) != len(pkg.inputs):
+                raise InvalidInputError(
+                    f"model '{model_id}' takes {len(pkg.inputs)} input(s) "
+                    f"({', '.join(t.id for t in pkg.inputs)}), got {len(inputs)}"
+                )
+            inputs = {t.id: np.asarray(a) for t, a in zip(pkg.inputs, inputs, strict=True)}
+        else:
+            inputs = {k: np.asarray(v) for k, v in inputs.items()}
+        started = time.perf_counter()
+        model.requests += 1
+        status = "ok"
+        try:
+            validate_inputs(pkg, inputs)
+            return await self.router.infer(
+                model_id,
+                inputs,
+                [t.id for t in pkg.outputs],
+                timeout=self.timeout_for(model_id, timeout),
+            )
+        except BioEngineError:
+            model.errors += 1
+            status = "error"
+            raise
+        finally:
+            self.metrics.observe(model_id, status, time.perf_counter() - started)
+
+    async def infer_raw(
+        self, model_id: str, body: bytes, headers: dict[str, str], *, timeout: float | None = None
+    ) -> tuple[int, bytes, dict[str, str]]:
+        model = self.catalog.get(model_id)
+        model.requests += 1
+        started = time.perf_counter()
+        status = 500
+        try:
+            request = parse_request(
+                model_id,
+                body,
+                headers.get(HEADER_LEN),
+                package=model.package,
+                check=lambda specs: self.check_inputs(model_id, specs),
+            )
+            parts, upstream_headers = request.build()
+            status, data, out = await self.router.request(
+                "POST",
+                f"/v2/models/{model_id}/infer",
+                body=parts,
+                headers=upstream_headers,
+                timeout=self.timeout_for(model_id, timeout or request.timeout),
+                verify=lambda st, data, got: check_response(request, st, data, got),
+            )
+            if status != 200:
+                # Triton's error text, rebuilt as our own JSON (a replica's 5xx stays a 5xx)
+                data = json.dumps({"error": error_message(data)[:2000]}).encode()
+                out = {"Content-Type": "application/json"}
+            return status, data, out
+        finally:
+            if status != 200:
+                model.errors += 1
+            self.metrics.observe(
+                model_id, "ok" if status == 200 else "error", time.perf_counter() - started
+            )
+
+    async def triton_get(
+        self, model_id: str, what: str = "metadata", *, version: int | None = None
+    ) -> tuple[int, bytes]:
+        self.catalog.get(model_id)
+        if what not in TRITON_GETS:
+            raise InferenceError(f"unknown model endpoint {what[:20]!r}", status=404)
+        if version is not None and not 0 <= int(version) < 10**9:
+            raise InferenceError("model version must be a non-negative number", status=400)
+        path = f"/v2/models/{model_id}"
+        if version is not None:
+            path += f"/versions/{int(version)}"
+        status, data, _ = await self.router.request("GET", path + TRITON_GETS[what], timeout=30)
+        if status >= 400:
+            data = json.dumps({"error": error_message(data)[:2000]}).encode()
+        return status, data
+
+    async def test_model(self, model_id: str) -> dict[str, Any]:
+        pkg = self.catalog.get(model_id).package
+        inputs = {tid: np.load(path) for tid, path in pkg.test_inputs.items()}
+        started = time.perf_counter()
+        try:
+            outputs = await self.infer(model_id, inputs)
+        except BioEngineError as exc:
+            return {"model_id": model_id, "passed": False, "error": str(exc)}
+        report: dict[str, Any] = {
+            "model_id": model_id,
+            "passed": True,
+            "outputs": {},
+            "execution_time": time.perf_counter() - started,
+        }
+        for tid, path in pkg.test_outputs.items():
+            report["outputs"][tid] = _compare(outputs.get(tid), np.load(path))
+            report["passed"] = report["passed"] and report["outputs"][tid].get("passed", False)
+        return report
+
+    # ---------------------------------------------------------------- state
+    def ready_replicas(self) -> int:
+        return self.router.ready_count()
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.render()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "deployment": self.config.engine.name,
+            "executor": self.config.executor.settings.kind,
+            "storage": {
+                "kind": self.config.storage.settings.kind,
+                "uri": self.catalog.storage.location().uri,
+            },
+            "target_replicas": self.supervisor.target,
+            "ready_replicas": self.router.ready_count(),
+            "replicas": self.supervisor.rows(),
+            "models": self.catalog.rows(),
+            "gateways": self.gateway_info(),
+            "uptime_s": time.time() - self.started_at,
+        }
+
+    # ---------------------------------------------------------------- admin
+    async def load_model(self, ref: str, *, model_id: str | None = None) -> str:
+        served = await asyncio.to_thread(self.catalog.prepare, ModelEntry(source=ref, id=model_id))
+        self.catalog.add(served, replace=True)
+        await self.supervisor.broadcast(served.id, "load")
+        await self.supervisor.respec()
+        return served.id
+
+    async def unload_model(self, model_id: str) -> None:
+        self.catalog.get(model_id)
+        await self.supervisor.broadcast(model_id, "unload")
+        self.catalog.remove(model_id)
+        await self.supervisor.respec()
+
+    async def scale(self, replicas: int) -> None:
+        await self.supervisor.scale(replicas)
+
+
+def _compare(got: np.ndarray | None, expected: np.ndarray) -> dict[str, Any]:
+    """One output of a model test against its expected value."""
+    if got is None or got.shape != expected.shape:
+        shape = None if got is None else got.shape
+        return {"error": f"shape {shape} != expected {expected.shape}", "passed": False}
+    diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
+    return {
+        "max_abs_error": float(diff.max()) if diff.size else 0.0,
+        "passed": bool(np.allclose(got, expected, atol=1e-4, rtol=1e-4)),
+    }
+
+
+__all__ = ["TRITON_GETS", "EngineService"]

@@ -1,0 +1,68 @@
+"""The translation of Slurm job states and reasons into replica states and messages (no cluster)."""
+
+from __future__ import annotations
+
+from bioengine_executor_slurm.slurm import Job
+from bioengine_executor_slurm.states import (
+    ALIVE_STATES,
+    TRANSLATE_TABLE,
+    ended_message,
+    pending_message,
+    translate,
+)
+
+from bioengine_core.contracts import ReplicaState
+
+
+def test_alive_states_are_the_ones_a_job_may_still_run_in() -> None:
+    """Every state in which a job may still run maps to PENDING (RUNNING: STARTING until ready);
+    every other known state is an end, which FAILS a replica that BioEngine did not stop."""
+    assert ALIVE_STATES == {
+        "PENDING",
+        "CONFIGURING",
+        "RUNNING",
+        "SUSPENDED",
+        "REQUEUED",
+        "REQUEUE_FED",
+        "REQUEUE_HOLD",
+        "RESIZING",
+        "SIGNALING",
+        "STAGE_OUT",
+        "RESV_DEL_HOLD",
+    }
+    assert translate("RUNNING").state is ReplicaState.STARTING
+    assert translate("SUSPENDED") == (ReplicaState.PENDING, "Slurm state SUSPENDED")
+    ended = set(TRANSLATE_TABLE) - ALIVE_STATES
+    assert {translate(s).state for s in ended} == {ReplicaState.FAILED}
+    assert Job("1", "n", "COMPLETING").alive is False and Job("1", "n", "RUNNING").alive
+
+
+def test_unknown_state_reads_as_ended() -> None:
+    assert translate("NEW_STATE") == (
+        ReplicaState.FAILED,
+        "the job ended in Slurm state NEW_STATE",
+    )
+
+
+def test_pending_reasons_say_whether_waiting_helps() -> None:
+    message, can_wait = pending_message("Resources")
+    assert (
+        can_wait and message == "pending in Slurm (reason: Resources): waiting for free resources"
+    )
+    message, can_wait = pending_message("PartitionConfig")
+    assert not can_wait and message.endswith(
+        "; it will not start unless the request or the cluster changes"
+    )
+    assert pending_message("")[0] == "pending in Slurm (reason: None): waiting"
+
+
+def test_ended_message_has_state_exit_code_reason_and_launcher_words() -> None:
+    job = Job("42", "bioengine-lab", "OUT_OF_MEMORY", reason="OutOfMemory", exit_code=137)
+    message = ended_message(job, {"reason": "tritonserver exited unexpectedly with code 137"})
+    assert message == (
+        "Slurm job 42 OUT_OF_MEMORY: the job ran out of memory; exit code 137; "
+        "Slurm reason OutOfMemory (the job exceeded its memory (raise [executor] memory)); "
+        "launcher: tritonserver exited unexpectedly with code 137"
+    )
+    timeout = Job("7", "n", "COMPLETING", start_time=100.0, end_time=700.0, time_limit_s=600.0)
+    assert "at its Slurm time limit (TIMEOUT)" in ended_message(timeout, None)
