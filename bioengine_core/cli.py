@@ -75,8 +75,9 @@ def config_check(
     config: ConfigOpt,
     show: Annotated[bool, typer.Option(help="Print the resolved config (secrets masked).")] = False,
 ) -> None:
-    """Validate every section of a site config (exit 2 on the first screen of problems)."""
-    cfg = load(config)
+    """Validate every section of a site config, and the environment variables and files it
+    names, as `serve` would before starting anything (exit 2 listing every problem)."""
+    cfg = load(config, references=True)
     if show:
         console.print_json(json.dumps(cfg.redacted(), default=str))
     console.print(
@@ -133,7 +134,7 @@ def serve(
     from .engine import Engine
 
     overrides = {"engine": {"replicas": replicas}} if replicas is not None else None
-    cfg = load(config, overrides=overrides)
+    cfg = load(config, overrides=overrides, references=True)
     engine = Engine(
         cfg,
         plugins(),
@@ -144,7 +145,7 @@ def serve(
     try:
         _run(_serve(engine))
     except BioEngineError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, markup=False)
+        err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 

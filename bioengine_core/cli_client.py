@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.table import Table
@@ -48,6 +48,43 @@ def _token(token_file: Path | None) -> str | None:
 
 def _auth_headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _fail(message: str) -> NoReturn:
+    """One line on stderr saying what failed, exit 1."""
+    err.print(f"error: {message}", highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _pairs(option: str, items: list[str], names: list[str], model: str) -> dict[str, str]:
+    """`NAME=FILE` or positional `FILE` arguments, matched to the model's tensor names."""
+    pairs: dict[str, str] = {}
+    for pos, item in enumerate(items):
+        name, sep, path = item.partition("=")
+        if not sep:
+            if pos >= len(names):
+                _fail(
+                    f"{option} {item!r}: model '{model}' has {len(names)} "
+                    f"{'input' if option == '--input' else 'output'}(s) ({', '.join(names)}); "
+                    f"got {len(items)} {option} arguments"
+                )
+            name, path = names[pos], item
+        elif name not in names:
+            _fail(f"{option} {item!r}: model '{model}' has no tensor {name!r} ({', '.join(names)})")
+        pairs[name] = path
+    return pairs
+
+
+def _read_array(path: str):
+    """A .npy file as an array; exit 1 naming the file when it cannot be read."""
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        _fail(f"--input {path}: no such file")
+    except (OSError, ValueError) as exc:
+        _fail(f"--input {path}: not a readable .npy file ({exc})")
 
 
 def _gateway_url(url: str | None, config: Path | None) -> str:
@@ -104,35 +141,34 @@ def infer(
     )
     try:
         meta = client.get_model_metadata(model, headers=headers)
-        in_names = [t["name"] for t in meta["inputs"]]
-        out_names = [t["name"] for t in meta["outputs"]]
-        arrays = {}
-        for pos, item in enumerate(input):
-            name, _, path = item.rpartition("=") if "=" in item else (in_names[pos], "", item)
-            arrays[name] = np.load(path)
-        inputs = []
-        for name, arr in arrays.items():
-            x = tc.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
-            x.set_data_from_numpy(arr, binary_data=True)
-            inputs.append(x)
-        targets = {}
-        for pos, item in enumerate(output):
-            name, _, path = item.rpartition("=") if "=" in item else (out_names[pos], "", item)
-            targets[name] = path
-        started = time.perf_counter()
+    except InferenceServerException as exc:
+        _fail(f"{base} answered for model '{model}': {exc.message()}")
+    except Exception as exc:  # connection refused, TLS, DNS
+        _fail(f"cannot reach {base}: {exc}")
+    in_names = [t["name"] for t in meta["inputs"]]
+    out_names = [t["name"] for t in meta["outputs"]]
+    arrays = {
+        name: _read_array(path) for name, path in _pairs("--input", input, in_names, model).items()
+    }
+    targets = _pairs("--output", output, out_names, model)
+    inputs = []
+    for name, arr in arrays.items():
+        x = tc.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+        x.set_data_from_numpy(arr, binary_data=True)
+        inputs.append(x)
+    started = time.perf_counter()
+    try:
         result = client.infer(
             model,
             inputs,
             outputs=[tc.InferRequestedOutput(n, binary_data=True) for n in targets],
             headers=headers,
         )
-        elapsed = time.perf_counter() - started
     except InferenceServerException as exc:
-        err.print(f"[red]error:[/red] {exc.message()}", highlight=False, markup=False)
-        raise typer.Exit(1) from None
-    except Exception as exc:  # connection refused etc.
-        err.print(f"[red]error:[/red] cannot reach {base}: {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(f"{base} refused the request ({exc.status()}): {exc.message()}")
+    except Exception as exc:
+        _fail(f"connection to {base} failed during the request: {exc}")
+    elapsed = time.perf_counter() - started
     for name, path in targets.items():
         arr = result.as_numpy(name)
         np.save(path, arr)

@@ -33,16 +33,29 @@ def plugins() -> Any:
         raise typer.Exit(2) from None
 
 
-def load(config: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Any:
-    """The validated site config; exit 2 listing every problem (file, section, key)."""
-    from .config import load_config
+def load(
+    config: Path,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    *,
+    references: bool = False,
+) -> Any:
+    """The validated site config; exit 2 listing every problem (file, section, key).
+
+    With `references`, the environment variables and files the settings name must exist too
+    (what `serve` needs before it starts anything).
+    """
+    from .config import check_references, load_config
 
     try:
-        return load_config(config, plugins(), overrides=overrides)
+        cfg = load_config(config, plugins(), overrides=overrides)
+        problems = check_references(cfg) if references else []
+        if problems:
+            raise ConfigError("\n".join(problems), problems=problems)
+        return cfg
     except ConfigError as exc:
         err.print(
             f"[red]invalid configuration[/red] ({len(exc.problems)} problem(s)):", highlight=False
         )
         for problem in exc.problems:
-            err.print(f"  - {problem}", highlight=False, markup=False)
+            err.print(f"  - {problem}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(2) from None

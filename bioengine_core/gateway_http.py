@@ -4,7 +4,6 @@ who may call it, and the limits that keep one client from taking the service dow
 from __future__ import annotations
 
 import ipaddress
-import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -39,8 +38,6 @@ class TokenSettings(BaseModel):
     def _one_source(self) -> TokenSettings:
         if bool(self.env) == bool(self.file):
             raise ValueError("set exactly one of env or file")
-        if self.env and not os.environ.get(self.env, "").strip():
-            raise ValueError(f"environment variable {self.env} is not set (or empty)")
         return self
 
     @property

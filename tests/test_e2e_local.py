@@ -327,3 +327,43 @@ def test_sigterm_leaves_nothing_and_restart_after_kill9_adopts(tmp_path):
                 s.stop(signal.SIGTERM)
         for pid in triton_pids(state):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_cli_infer_says_exactly_what_failed(served, tmp_path):
+    _, url, _ = served
+    args = ["infer", "--url", url, "--model", MODEL_ID, "--output", str(tmp_path / "y.npy")]
+    missing = run_cli(*args, "--input", str(tmp_path / "nope.npy"))
+    assert missing.returncode == 1 and "nope.npy: no such file" in missing.stderr
+    assert "cannot reach" not in missing.stderr
+    x = str(MODEL / "test_input.npy")
+    extra = run_cli(*args, "--input", x, "--input", x)
+    assert extra.returncode == 1 and "has 1 input(s) (raw)" in extra.stderr, extra.stderr
+    wrong = run_cli(*args, "--input", f"rwa={x}")
+    assert wrong.returncode == 1 and "no tensor 'rwa'" in wrong.stderr
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((1, 1, 3, 3), np.float32))
+    refused = run_cli(*args, "--input", str(bad))
+    assert refused.returncode == 1 and "refused the request (400)" in refused.stderr
+    assert MODEL_ID in refused.stderr and "raw" in refused.stderr
+    unknown = run_cli("infer", "--url", url, "--model", "nope", "--input", x, "--output", "y")
+    assert unknown.returncode == 1 and "unknown model 'nope'" in unknown.stderr
+    down = run_cli(
+        "infer", "--url", f"http://127.0.0.1:{free_port()}", "--model", MODEL_ID,
+        "--input", x, "--output", "y",
+    )  # fmt: skip
+    assert down.returncode == 1 and "cannot reach" in down.stderr
+
+
+def test_serve_with_an_unset_credential_variable_fails_before_starting(tmp_path):
+    cfg = local_config(
+        tmp_path,
+        port=free_port(),
+        gateway='[[gateways.http.tokens]]\nrole = "admin"\nenv = "BIOENGINE_TEST_UNSET_VAR"\n',
+    )
+    check = run_cli("config", "check", "--config", str(cfg))
+    assert check.returncode == 2 and "BIOENGINE_TEST_UNSET_VAR is not set" in check.stderr
+    assert "key 'tokens[0].env'" in check.stderr
+    result = run_cli("serve", "--config", str(cfg), timeout=120)
+    assert result.returncode == 2 and "BIOENGINE_TEST_UNSET_VAR is not set" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "state" / "local").exists()  # nothing was started
