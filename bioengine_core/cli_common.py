@@ -44,7 +44,8 @@ def load(
     With `references`, the environment variables and files the settings name must exist too
     (what `serve` needs before it starts anything).
     """
-    from .config import check_references, load_config
+    from .config import load_config
+    from .references import check_references
 
     try:
         cfg = load_config(config, plugins(), overrides=overrides)

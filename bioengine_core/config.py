@@ -348,46 +348,6 @@ def load_config(
     )
 
 
-def _references(model: BaseModel, where: str) -> list[tuple[str, str, str]]:
-    """(key, kind, value) of every setting that names an environment variable (`env`,
-    `*_env`) or a file (`file`, `*_file`), nested models and lists included."""
-    found: list[tuple[str, str, str]] = []
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        key = f"{where}{name}"
-        if isinstance(value, str) and (name == "env" or name.endswith("_env")):
-            found.append((key, "env", value))
-        elif isinstance(value, str) and (name == "file" or name.endswith("_file")):
-            found.append((key, "file", value))
-        elif isinstance(value, BaseModel):
-            found += _references(value, f"{key}.")
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                if isinstance(item, BaseModel):
-                    found += _references(item, f"{key}[{i}].")
-    return found
-
-
-def check_references(config: SiteConfig) -> list[str]:
-    """Problems with what settings point at outside the file: environment variables that are
-    unset or empty, files that are missing or unreadable. `serve` needs them all at start."""
-    label = str(config.path) if config.path else "(defaults)"
-    backends = [config.executor, config.storage, *config.gateways.values()]
-    backends += [b for b in config.sources.values() if b is not None]
-    problems = []
-    for backend in backends:
-        for key, kind, value in _references(backend.settings, ""):
-            where = f"{label}: [{backend.section}] key '{key}' = {value!r}"
-            if kind == "env" and not os.environ.get(value, "").strip():
-                problems.append(f"{where}: environment variable {value} is not set (or empty)")
-            elif kind == "file":
-                path = Path(value).expanduser()
-                path = path if path.is_absolute() else config.config_dir / path
-                if not path.is_file() or not os.access(path, os.R_OK):
-                    problems.append(f"{where}: no readable file at {path}")
-    return problems
-
-
 def config_schema(plugins: PluginManager | None = None) -> dict[str, Any]:
     """JSON schema of the whole config, with each installed backend's section as a `oneOf`."""
     plugins = plugins or PluginManager()

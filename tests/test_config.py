@@ -136,12 +136,12 @@ def test_secret_is_masked_in_config_check(tmp_path, thirdparty_site):
 def test_every_plugin_example_passes_config_check(example):
     """With the environment it names (dummy values), each example passes `config check`;
     without it, `config check` names every missing variable."""
-    from bioengine_core.config import _references
+    from bioengine_core.references import references
 
     config = load_config(ROOT / example)
     backends = [config.executor, config.storage, *config.gateways.values()]
     named = sorted(
-        {value for b in backends for _, kind, value in _references(b.settings, "") if kind == "env"}
+        {value for b in backends for _, kind, value in references(b.settings, "") if kind == "env"}
     )
     env = {name: f"dummy-value-for-{name.lower()}-0123456789" for name in named}
     result = run_cli("config", "check", "--config", example, env=env)

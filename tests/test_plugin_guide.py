@@ -206,6 +206,8 @@ def test_example_plugin_config_checks(ssh_site: Path, tmp_path: Path) -> None:
         "\n[storage]\n"
         'kind = "local"\n'
     )
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "id_ed25519").write_text("a key file; config check only reads it\n")
     env = {"PYTHONPATH": str(ssh_site)}
     proc = run_cli("config", "check", "--config", str(site), "--show", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
