@@ -180,6 +180,9 @@ def status(
     url: Annotated[str | None, typer.Option(help="Gateway URL (default from --config).")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="site.toml")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="More columns (host, in flight), whole messages.")
+    ] = False,
     token_file: TokenFileOpt = None,
     cacert: CaOpt = None,
 ) -> None:
@@ -207,7 +210,7 @@ def status(
     if as_json:
         print(json.dumps(data, indent=1))
         return
-    _render_status(data)
+    _render_status(data, wide)
 
 
 def _fetch_status(base: str, token: str | None, cacert: Path | None) -> dict | None:
@@ -234,31 +237,57 @@ def _fetch_status(base: str, token: str | None, cacert: Path | None) -> dict | N
         return None
 
 
-def _render_status(data: dict) -> None:
-    """The status as tables: deployment line, replicas, models, gateways."""
+def human_duration(seconds: float) -> str:
+    """`seconds` as an operator reads it: 45s, 3m 20s, 2h 05m, 3d 04h."""
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours:02d}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def _render_status(data: dict, wide: bool = False) -> None:
+    """The status as tables: deployment line, replicas, models, gateways. Fits 80 columns
+    (endpoints are never cut); `wide` adds host and in-flight columns."""
+    uptime = data.get("uptime_s")
     console.print(
         f"deployment [bold]{data['deployment']}[/bold]: executor "
         f"{data['executor']}, storage {data['storage']['kind']} "
         f"({data['storage']['uri']}), {data['ready_replicas']}/"
-        f"{data['target_replicas']} replicas ready",
+        f"{data['target_replicas']} replicas ready"
+        + (f", up {human_duration(uptime)}" if uptime is not None else ""),
         highlight=False,
     )
     table = Table(title="replicas")
-    for col in ("id", "state", "endpoint", "host", "requests", "in flight", "detail"):
-        table.add_column(col)
+    table.add_column("id", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("endpoint", no_wrap=True)
+    if wide:
+        table.add_column("host", no_wrap=True)
+    table.add_column("requests", justify="right")
+    if wide:
+        table.add_column("in flight", justify="right")
+    table.add_column("detail", overflow="fold")
     for r in data["replicas"]:
-        detail = r.get("message") or ""
+        detail = (r.get("message") or "").strip()
         if r.get("expires_at"):
-            detail += f" expires in {max(0, r['expires_at'] - time.time()):.0f}s"
-        table.add_row(
-            r["id"],
-            r["state"],
-            r.get("url") or "-",
-            r.get("host") or "-",
-            str(r.get("requests", 0)),
-            str(r.get("outstanding", 0)),
-            detail.strip(),
-        )
+            detail += f" expires in {human_duration(r['expires_at'] - time.time())}"
+        if not wide:
+            detail = detail.splitlines()[0][:120] if detail else ""
+        row = [r["id"], r["state"], r.get("url") or "-"]
+        if wide:
+            row.append(r.get("host") or "-")
+        row.append(str(r.get("requests", 0)))
+        if wide:
+            row.append(str(r.get("outstanding", 0)))
+        row.append(detail.strip())
+        table.add_row(*row)
     console.print(table)
     models = Table(title="models")
     for col in ("id", "weights", "backend", "requests", "errors"):

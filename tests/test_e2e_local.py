@@ -367,3 +367,27 @@ def test_serve_with_an_unset_credential_variable_fails_before_starting(tmp_path)
     assert result.returncode == 2 and "BIOENGINE_TEST_UNSET_VAR is not set" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "state" / "local").exists()  # nothing was started
+
+
+def test_status_fits_80_columns_and_has_wide(served):
+    _, url, _ = served
+    narrow = run_cli("status", "--url", url, env={"COLUMNS": "80"})
+    assert narrow.returncode == 0, narrow.stderr
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 80, narrow.stdout
+    replicas = get_status(url)["replicas"]
+    assert all(r["url"] in narrow.stdout for r in replicas)  # endpoints are never cut
+    assert "in flight" not in narrow.stdout and ", up " in narrow.stdout
+    wide = run_cli("status", "--url", url, "--wide")
+    assert wide.returncode == 0 and "in flight" in wide.stdout and "host" in wide.stdout
+
+
+def test_durations_read_as_an_operator_reads_them():
+    from bioengine_core.cli_client import human_duration
+
+    assert [human_duration(s) for s in (0, 45, 200, 7500, 3 * 86400 + 4 * 3600)] == [
+        "0s",
+        "45s",
+        "3m 20s",
+        "2h 05m",
+        "3d 04h",
+    ]
