@@ -170,6 +170,10 @@ class ReplicaSupervisor:
                 status.message,
             )
             self.hook.bioengine_replica_state_changed(replica=status, previous=previous.value)
+            if status.state in (ReplicaState.READY, ReplicaState.FAILED, ReplicaState.UNKNOWN):
+                why = f": {status.message.splitlines()[0]}" if status.message else ""
+                where = f" at {status.url}" if status.state == ReplicaState.READY else why
+                self.say(f"replica {status.replica_id} is {status.state.value}{where}")
         if status.state == ReplicaState.READY and status.url and not rep.routed:
             if rep.adopted:
                 await self.ensure_loaded(status.url)

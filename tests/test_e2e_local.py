@@ -266,6 +266,11 @@ def test_sigkill_of_a_replica_under_load_loses_no_request(served):
 
     wait_for(group_gone, 30, "the killed replica's python backend stubs to be cleaned up")
     wait_for(lambda: get_status(url)["ready_replicas"] == 2, 120, "replacement ready")
+    serve, _, _ = served
+    # the operator can follow it: the failure, the replacement, the replacement ready
+    new = [rid for rid in (r["id"] for r in get_status(url)["replicas"])]
+    assert any(f"replica {rid} is ready at http://" in serve.output for rid in new), serve.output
+    assert "is failed" in serve.output or "replacing it" in serve.output
 
 
 def test_torchscript_weights_reproduce_test_output(tmp_path):
