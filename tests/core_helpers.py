@@ -121,3 +121,27 @@ def get_status(url: str) -> dict:
 
     with urllib.request.urlopen(f"{url}/bioengine/status", timeout=10) as resp:
         return json.loads(resp.read())
+
+
+def triton_available() -> bool:
+    """True when a tritonserver binary can be found (tests needing it use require_service)."""
+    try:
+        from bioengine_core.triton import find_triton
+
+        find_triton()
+        return True
+    except Exception:
+        return False
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    """Poll `predicate` until it returns something truthy (returned); fail naming `what`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")

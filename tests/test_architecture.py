@@ -9,7 +9,7 @@ import json
 import urllib.request
 
 import numpy as np
-from core_helpers import ROOT, Serve, free_port, local_config, run_cli
+from core_helpers import ROOT, Serve, free_port, local_config, run_cli, triton_available
 
 from bioengine_core.commands import start_process
 from bioengine_core.config import EngineSettings
@@ -123,20 +123,10 @@ def test_executors_may_be_called_concurrently():
     assert hasattr(ExecutorConformance, "test_methods_may_run_concurrently")
 
 
-def _triton_ok() -> bool:
-    try:
-        from bioengine_core.triton import find_triton
-
-        find_triton()
-        return True
-    except Exception:
-        return False
-
-
 def test_outside_gateway_serves_through_the_contract(contract_gateway_site, tmp_path):
     """A third-party gateway that only knows the Service contract offers /health and /metrics,
     and `bioengine status` / `bioengine infer` work against it."""
-    require_service(_triton_ok(), "the tritonserver binary (nvidia-pytriton)")
+    require_service(triton_available(), "the tritonserver binary (nvidia-pytriton)")
     source = (contract_gateway_site / "bioengine_gateway_contract" / "__init__.py").read_text()
     imported = {
         node.module

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,16 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from core_helpers import ROOT, Serve, free_port, get_status, local_config, run_cli
+from core_helpers import (
+    ROOT,
+    Serve,
+    free_port,
+    get_status,
+    local_config,
+    run_cli,
+    triton_available,
+    wait_for,
+)
 
 from bioengine_core.testing.pytest_plugin import require_service
 
@@ -28,16 +36,6 @@ MODEL = ROOT / "models" / "unet2d_nuclei_broad"
 X = np.load(MODEL / "test_input.npy")
 Y = np.load(MODEL / "test_output.npy")
 MODEL_ID = "unet2d_nuclei_broad"
-
-
-def triton_available() -> bool:
-    try:
-        from bioengine_core.triton import find_triton
-
-        find_triton()
-        return True
-    except Exception:
-        return False
 
 
 pytestmark = pytest.mark.triton
@@ -52,16 +50,6 @@ def triton_pids(state: Path) -> set[int]:
         if argv and argv[0].endswith("tritonserver") and str(state) in " ".join(argv):
             pids.add(proc.info["pid"])
     return pids
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def tc_client(url: str):

@@ -29,7 +29,15 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.http as tc
-from core_helpers import ROOT, Serve, free_port, get_status, local_config
+from core_helpers import (
+    ROOT,
+    Serve,
+    free_port,
+    get_status,
+    local_config,
+    triton_available,
+    wait_for,
+)
 
 from bioengine_core.testing.pytest_plugin import require_service
 
@@ -47,16 +55,6 @@ MARK = "ZQX7-ADVERSARIAL-BODY-MARKER"
 MARKB = MARK.encode()
 N_REQUESTS = 1000
 MAX_LOG_LINE = 4000
-
-
-def triton_available() -> bool:
-    try:
-        from bioengine_core.triton import find_triton
-
-        find_triton()
-        return True
-    except Exception:
-        return False
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -83,16 +81,6 @@ def replica_models(url: str) -> dict[str, list[tuple[str, str]]]:
             (m["name"], m.get("version", "")) for m in index if m.get("state") == "READY"
         )
     return found
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

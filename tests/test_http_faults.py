@@ -20,7 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import psutil
 import pytest
-from core_helpers import ROOT, Serve, free_port, get_status, local_config
+from core_helpers import (
+    ROOT,
+    Serve,
+    free_port,
+    get_status,
+    local_config,
+    triton_available,
+    wait_for,
+)
 
 from bioengine_core.testing.pytest_plugin import require_service
 
@@ -35,26 +43,6 @@ MAX_BODY = 256 << 20
 MAX_CONNECTIONS = 40
 
 pytestmark = pytest.mark.triton
-
-
-def _triton_ok() -> bool:
-    try:
-        from bioengine_core.triton import find_triton
-
-        find_triton()
-        return True
-    except Exception:
-        return False
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def infer(port: int, x: np.ndarray = X, *, timeout_us: int | None = None) -> np.ndarray:
@@ -80,7 +68,7 @@ def tritons(state) -> list[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    require_service(_triton_ok(), "the tritonserver binary (nvidia-pytriton)")
+    require_service(triton_available(), "the tritonserver binary (nvidia-pytriton)")
     tmp = tmp_path_factory.mktemp("faults")
     port = free_port()
     cfg = local_config(

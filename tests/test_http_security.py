@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from core_helpers import ROOT, Serve, free_port, local_config, run_cli
+from core_helpers import ROOT, Serve, free_port, local_config, run_cli, triton_available
 
 from bioengine_core.testing.pytest_plugin import require_service
 
@@ -28,16 +28,6 @@ ADMIN = "adm-" + "a1b2c3d4e5f6a7b8c9d0"
 INFER = "inf-" + "0f9e8d7c6b5a4f3e2d1c"
 
 pytestmark = pytest.mark.triton
-
-
-def _triton_ok() -> bool:
-    try:
-        from bioengine_core.triton import find_triton
-
-        find_triton()
-        return True
-    except Exception:
-        return False
 
 
 def call(
@@ -86,7 +76,7 @@ def environ_of(pid: int) -> str:
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
-    require_service(_triton_ok(), "the tritonserver binary (nvidia-pytriton)")
+    require_service(triton_available(), "the tritonserver binary (nvidia-pytriton)")
     tmp = tmp_path_factory.mktemp("sec")
     port = free_port()
     (tmp / "infer.token").write_text(INFER + "\n")
@@ -248,7 +238,7 @@ def test_tls_and_anonymous_on_all_addresses(tmp_path):
     HTTPS and see only the status summary; plain HTTP gets no answer."""
     import ssl
 
-    require_service(_triton_ok(), "the tritonserver binary (nvidia-pytriton)")
+    require_service(triton_available(), "the tritonserver binary (nvidia-pytriton)")
     cert, key = _self_signed(tmp_path)
     port = free_port()
     cfg = local_config(
