@@ -170,7 +170,8 @@ async def read_body(
     """
     s = settings
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding != "identity":
+    codings = {c.strip().lower() for c in request.headers.get("Transfer-Encoding", "").split(",")}
+    if encoding != "identity" or codings - {"", "chunked", "identity"}:
         return error(
             415, "compressed request bodies are not accepted; send the tensors uncompressed"
         )

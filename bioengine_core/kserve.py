@@ -189,10 +189,10 @@ def parse_request(
     """
     view = memoryview(body)
     if header_length is not None:
-        try:
-            hl = int(header_length.strip())
-        except ValueError:
-            raise _bad(model, f"{HEADER_LEN} must be an integer") from None
+        raw = header_length.strip()
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 12):
+            raise _bad(model, f"{HEADER_LEN} must be a decimal number of bytes")
+        hl = int(raw)
         if not 0 < hl <= len(view):
             raise _bad(model, f"{HEADER_LEN} {hl} is outside the body (of {len(view)} bytes)")
         if hl > MAX_HEADER_BYTES:

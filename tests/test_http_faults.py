@@ -296,3 +296,24 @@ def test_idle_and_trickling_connections_are_closed_and_counted(served):
     assert closed_after is not None and closed_after < 3 + 3, closed_after
     # idle connections went away with the same timeout; ordinary requests still work
     np.testing.assert_allclose(infer(port), Y, atol=1e-4, rtol=1e-4)
+
+
+def test_compressed_transfer_encoding_is_refused_unread(served):
+    """`Transfer-Encoding: gzip, chunked` is a compressed body too: 415, never inflated."""
+    import socket
+
+    _, port, _ = served
+    bomb = gzip.compress(b"\0" * (50 << 20))
+    chunked = f"{len(bomb):x}\r\n".encode() + bomb + b"\r\n0\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            f"POST /v2/models/{MODEL_ID}/infer HTTP/1.1\r\nHost: x\r\n"
+            "Transfer-Encoding: gzip, chunked\r\n\r\n".encode()
+        )
+        try:
+            sock.sendall(chunked)
+        except OSError:
+            pass  # answered and closed before the whole body arrived
+        answer = sock.recv(4096)
+    assert answer.split(b"\r\n", 1)[0].split()[1] in (b"415", b"400"), answer[:200]
+    np.testing.assert_allclose(infer(port), Y, atol=1e-4, rtol=1e-4)

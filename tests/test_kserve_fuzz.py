@@ -401,10 +401,10 @@ def test_garbage_against_small_models_gives_400(pkg, header, tail):
         (b'{"id": ' + b"1" * 100_000 + b"}", None, "not valid JSON"),
         (b"\xff\xfe{}", None, ""),
         (b'{"id": "\xc3\x28"}', None, "not UTF-8"),
-        (b"{}", "-1", "outside the body"),
+        (b"{}", "-1", "decimal number"),
         (b"{}", "0", "outside the body"),
         (b"{}", "3", "outside the body"),
-        (b"{}", "abc", "must be an integer"),
+        (b"{}", "abc", "decimal number"),
         (b"{}", "1" * 5000, ""),
         (b'{"inputs": []}' + b"\0" * (2 << 20), str(2 << 20), "larger than"),
         (b"{}" + b"\0" * 10, "2", "'inputs'"),
@@ -885,3 +885,10 @@ def test_upstream_request_head_is_one_request(path, value):
         assert b"\n" not in line and b"\r" not in line and b"\0" not in line
     assert lines[0].startswith(b"GET /") and lines[0].endswith(b" HTTP/1.1")
     assert lines[0].count(b" ") == 2
+
+
+@pytest.mark.parametrize("value", ["٣", "1_0", "+5", "0x10", "1e3", "５"])
+def test_header_length_must_be_plain_ascii_digits(value):
+    """Only ASCII decimal digits are a header length (int() would accept these spellings)."""
+    with pytest.raises(InvalidInputError, match="decimal number"):
+        real_parse(b"{}" * 8, value)
