@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_local import TINY, UNET, make_request, measure, merge, start_serve, status  # noqa: E402
+from bench_local import bench_cases, make_request, measure, merge, start_serve, status  # noqa: E402
 
 
 def attacker(
@@ -79,15 +79,7 @@ def main() -> None:
         "--rate", type=float, default=0.0, help="attacker requests per second (0: unbounded)"
     )
     args = parser.parse_args()
-    cases = {
-        "unet2d 512x512": (
-            "unet2d_nuclei_broad",
-            np.load(UNET / "test_input.npy"),
-            "raw",
-            "probability",
-        ),
-        "tiny 1x1x4x4": ("tiny_affine", np.load(TINY / "test_input.npy"), "x", "y"),
-    }
+    cases = {label: case[:4] for label, case in bench_cases().items()}
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_serve(Path(tmp))
         try:

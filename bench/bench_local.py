@@ -32,6 +32,26 @@ UNET = ROOT / "models" / "unet2d_nuclei_broad"
 TINY = ROOT / "models" / "tiny_affine"
 
 
+def bench_cases() -> dict[str, tuple]:
+    """Label -> (model id, input array, input name, output name, ONNX weights) of both models."""
+    return {
+        "unet2d 512x512": (
+            "unet2d_nuclei_broad",
+            np.load(UNET / "test_input.npy"),
+            "raw",
+            "probability",
+            UNET / "weights.onnx",
+        ),
+        "tiny 1x1x4x4": (
+            "tiny_affine",
+            np.load(TINY / "test_input.npy"),
+            "x",
+            "y",
+            TINY / "weights.onnx",
+        ),
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -150,22 +170,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["unet", "tiny"], help="run one case only")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
-    cases = {
-        "unet2d 512x512": (
-            "unet2d_nuclei_broad",
-            np.load(UNET / "test_input.npy"),
-            "raw",
-            "probability",
-            UNET / "weights.onnx",
-        ),
-        "tiny 1x1x4x4": (
-            "tiny_affine",
-            np.load(TINY / "test_input.npy"),
-            "x",
-            "y",
-            TINY / "weights.onnx",
-        ),
-    }
+    cases = bench_cases()
     with tempfile.TemporaryDirectory() as tmp:
         proc, gateway = start_serve(Path(tmp))
         try:

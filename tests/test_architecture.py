@@ -116,13 +116,6 @@ def test_start_process_logs_its_command_and_gets_no_secrets(tmp_path, monkeypatc
     assert f"pgid={proc.pid}" in text.replace(" ", "")  # a session (and group) of its own
 
 
-def test_executors_may_be_called_concurrently():
-    """The conformance suite exercises concurrent calls (the guide says they may happen)."""
-    from bioengine_core.testing.executor import ExecutorConformance
-
-    assert hasattr(ExecutorConformance, "test_methods_may_run_concurrently")
-
-
 def test_outside_gateway_serves_through_the_contract(contract_gateway_site, tmp_path):
     """A third-party gateway that only knows the Service contract offers /health and /metrics,
     and `bioengine status` / `bioengine infer` work against it."""
