@@ -63,10 +63,44 @@ def root(
             "--version", callback=_version, is_eager=True, help="Show the version and exit."
         ),
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False,
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose",
+            "-v",
+            count=True,
+            help="-v: BioEngine's debug log. -vv: the libraries' too (botocore, aiohttp, "
+            "kubernetes: wire-level detail, very long).",
+        ),
+    ] = 0,
 ) -> None:
     """BioEngine: self-hosted model serving for bioimage analysis."""
-    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)
+    set_verbosity(verbose)
+
+
+# Libraries whose debug log is wire-level detail (every HTTP header, signing steps, frames):
+# shown only with -vv, so that -v stays readable and never prints request signatures.
+WIRE_LOGGERS = (
+    "botocore",
+    "boto3",
+    "s3transfer",
+    "urllib3",
+    "aiohttp",
+    "asyncio",
+    "websockets",
+    "kubernetes",
+    "hpack",
+    "httpx",
+    "httpcore",
+    "sh",
+)
+
+
+def set_verbosity(level: int) -> None:
+    """0: warnings only; 1: BioEngine's debug log; 2: every library's debug log as well."""
+    logging.getLogger().setLevel(logging.DEBUG if level else logging.WARNING)
+    for name in WIRE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if level >= 2 else logging.WARNING)
 
 
 # ------------------------------------------------------------------------- config
@@ -74,17 +108,28 @@ def root(
 def config_check(
     config: ConfigOpt,
     show: Annotated[bool, typer.Option(help="Print the resolved config (secrets masked).")] = False,
+    offline: Annotated[
+        bool,
+        typer.Option(
+            "--offline",
+            help="Skip the checks that contact S3, SLURM, Kubernetes or Hypha "
+            "(the file, its environment variables and files are still checked).",
+        ),
+    ] = False,
 ) -> None:
-    """Validate every section of a site config, and the environment variables and files it
-    names, as `serve` would before starting anything (exit 2 listing every problem)."""
-    cfg = load(config, references=True)
+    """Check a site config as `serve` would before starting anything: every section, the
+    environment variables and files it names, and (unless --offline) that each endpoint
+    answers and can give what the config asks for. Exit 2 listing every problem."""
+    cfg = load(config, references=True, preflight=True, offline=offline)
     if show:
         console.print_json(json.dumps(cfg.redacted(), default=str))
     console.print(
         f"[green]ok[/green]: {config} — executor '{cfg.executor.settings.kind}', "
         f"storage '{cfg.storage.settings.kind}', gateways "
-        f"{', '.join(cfg.gateways) or 'none'}, {len(cfg.models)} model(s)",
+        f"{', '.join(cfg.gateways) or 'none'}, {len(cfg.models)} model(s)"
+        + (" (endpoints not contacted: --offline)" if offline else ""),
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -134,7 +179,7 @@ def serve(
     from .engine import Engine
 
     overrides = {"engine": {"replicas": replicas}} if replicas is not None else None
-    cfg = load(config, overrides=overrides, references=True)
+    cfg = load(config, overrides=overrides, references=True, preflight=True)
     engine = Engine(
         cfg,
         plugins(),
@@ -146,6 +191,20 @@ def serve(
         _run(_serve(engine))
     except BioEngineError as exc:
         err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except Exception as exc:  # a bug, not the operator's mistake: keep the traceback in a file
+        import traceback
+
+        crash = cfg.state_dir / "serve-crash.log"
+        crash.parent.mkdir(parents=True, exist_ok=True)
+        crash.write_text(traceback.format_exc())
+        err.print(
+            f"error: unexpected {type(exc).__name__}: {exc} — this is a BioEngine bug; "
+            f"the traceback is in {crash} (please include it in a report)",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(1) from None
 
 

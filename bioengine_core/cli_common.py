@@ -38,25 +38,33 @@ def load(
     overrides: dict[str, dict[str, Any]] | None = None,
     *,
     references: bool = False,
+    preflight: bool = False,
+    offline: bool = False,
 ) -> Any:
     """The validated site config; exit 2 listing every problem (file, section, key).
 
     With `references`, the environment variables and files the settings name must exist too
-    (what `serve` needs before it starts anything).
+    (what `serve` needs before it starts anything); with `preflight`, each backend checks its
+    endpoints and limits as well (only what needs no network when `offline`).
     """
     from .config import load_config
+    from .preflight import run_preflight
     from .references import check_references
 
     try:
         cfg = load_config(config, plugins(), overrides=overrides)
-        problems = check_references(cfg) if references else []
-        if problems:
-            raise ConfigError("\n".join(problems), problems=problems)
-        return cfg
     except ConfigError as exc:
-        err.print(
-            f"[red]invalid configuration[/red] ({len(exc.problems)} problem(s)):", highlight=False
-        )
-        for problem in exc.problems:
-            err.print(f"  - {problem}", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        _problems("invalid configuration", exc.problems)
+    problems = check_references(cfg) if references else []
+    if preflight and not problems:  # endpoint checks need the credentials they name
+        problems += run_preflight(cfg, offline=offline)
+    if problems:
+        _problems("the site is not ready", problems)
+    return cfg
+
+
+def _problems(title: str, problems: list[str]) -> None:
+    err.print(f"[red]{title}[/red] ({len(problems)} problem(s)):", highlight=False)
+    for problem in problems:
+        err.print(f"  - {problem}", highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(2)

@@ -86,6 +86,12 @@ class BackendType:
     settings: type[BackendSettings]
     factory: Callable[..., Any]
     description: str = ""
+    preflight: Callable[..., list[str]] | None = None
+    """Optional `preflight(settings=..., context=..., offline=...)`: problems found *without
+    starting anything* (an endpoint that does not answer, credentials it refuses, resources the
+    infrastructure cannot give), one line each saying what is wrong and which setting or
+    command fixes it. With `offline` only checks that need no network or cluster. `config check`
+    and `serve` run it before anything starts; it must return within a few seconds."""
 
     family: ClassVar[str] = "backend"
 

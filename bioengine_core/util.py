@@ -43,18 +43,46 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def free_ports(address: str, count: int, exclude: Iterable[int] = ()) -> list[int]:
-    """`count` distinct TCP ports that are free on `address` now (bound with port 0 together)."""
+def parse_port_range(text: str) -> range:
+    """`"9100-9199"` as `range(9100, 9200)`; ValueError with the reason when it is not one
+    (used by the executors' `port_range` settings, for firewalls that open a fixed range)."""
+    first, sep, last = text.strip().partition("-")
+    if not sep or not first.strip().isdigit() or not last.strip().isdigit():
+        raise ValueError(f"{text!r} is not a port range like '9100-9199'")
+    low, high = int(first), int(last)
+    if not 1024 <= low <= high <= 65535:
+        raise ValueError(f"{text!r}: ports must satisfy 1024 <= first <= last <= 65535")
+    return range(low, high + 1)
+
+
+def free_ports(
+    address: str, count: int, exclude: Iterable[int] = (), within: range | None = None
+) -> list[int]:
+    """`count` distinct TCP ports that are free on `address` now: any (bound with port 0
+    together), or the lowest free ones `within` a range (OSError when it has too few)."""
     taken = set(exclude)
     ports: list[int] = []
     sockets: list[socket.socket] = []
     host = address.strip("[]") or "0.0.0.0"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    candidates = iter(within) if within is not None else None
     try:
         while len(ports) < count:
             sock = socket.socket(family, socket.SOCK_STREAM)
             sockets.append(sock)
-            sock.bind((host, 0))
+            if candidates is None:
+                sock.bind((host, 0))
+            else:
+                port = next((p for p in candidates if p not in taken), None)
+                if port is None:
+                    raise OSError(
+                        f"no {count} free TCP ports on {host} in {within.start}-{within.stop - 1}"
+                        f" (found {len(ports)}); widen port_range or stop what uses them"
+                    )
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
             port = sock.getsockname()[1]
             if port not in taken:
                 taken.add(port)
@@ -121,6 +149,7 @@ __all__ = [
     "find_rdf",
     "free_port",
     "free_ports",
+    "parse_port_range",
     "read_json",
     "url_host",
     "write_json",
