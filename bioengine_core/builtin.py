@@ -22,7 +22,14 @@ def bioengine_register_storages() -> list[StorageType]:
 
 @hookimpl
 def bioengine_register_model_sources() -> list[ModelSourceType]:
-    from .sources import FolderSource, FolderSourceSettings, ZipSource, ZipSourceSettings
+    from .sources import (
+        BundledSource,
+        BundledSourceSettings,
+        FolderSource,
+        FolderSourceSettings,
+        ZipSource,
+        ZipSourceSettings,
+    )
 
     return [
         ModelSourceType(
@@ -38,6 +45,13 @@ def bioengine_register_model_sources() -> list[ModelSourceType]:
             lambda *, settings, context: ZipSource(context),
             "a zipped bioimage.io package",
             schemes=("zip",),
+        ),
+        ModelSourceType(
+            "bundled",
+            BundledSourceSettings,
+            lambda *, settings, context: BundledSource(),
+            "a package shipped with BioEngine (`bioengine models bundled`)",
+            schemes=("bundled",),
         ),
     ]
 

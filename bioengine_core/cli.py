@@ -17,6 +17,7 @@ from rich.table import Table
 from . import __version__
 from .cli_client import infer, status
 from .cli_common import ConfigOpt, console, err, load, plugins
+from .cli_models import models_app
 from .errors import BioEngineError
 
 HELP = """BioEngine serves BioImage Model Zoo models with NVIDIA Triton on your own infrastructure.
@@ -29,7 +30,8 @@ Typical use:
   bioengine status --config site.toml         # what runs where
   bioengine infer --model ID --input x.npy --output y.npy
 
-Start from examples/local.toml (one workstation) and see docs/ for SLURM and Hypha.
+New here? `bioengine models example -o site.toml` writes a config serving a bundled model
+on this machine. See docs/ for SLURM, S3, Kubernetes and Hypha.
 """
 
 app = typer.Typer(
@@ -47,6 +49,7 @@ config_app = typer.Typer(
 plugins_app = typer.Typer(help="Inspect installed plugins.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(plugins_app, name="plugins")
+app.add_typer(models_app, name="models")
 
 
 def _version(value: bool) -> None:

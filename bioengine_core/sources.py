@@ -1,4 +1,5 @@
-"""Built-in model sources: a package folder (`folder:PATH` or a plain path) and a zip file."""
+"""Built-in model sources: a package folder (`folder:PATH` or a plain path), a zip file, and
+the packages shipped with BioEngine (`bundled:NAME`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,12 @@ class FolderSourceSettings(BackendSettings):
     kind: str = "folder"
 
 
+class BundledSourceSettings(BackendSettings):
+    """`[sources.bundled]`: no options."""
+
+    kind: str = "bundled"
+
+
 class ZipSourceSettings(BackendSettings):
     """`[sources.zip]`: no options."""
 
@@ -49,6 +56,16 @@ class FolderSource(ModelSource):
             raise ModelError(f"model folder not found: {folder} (from {ref!r})")
         find_rdf(folder)
         return folder
+
+
+class BundledSource(ModelSource):
+    """A package shipped with BioEngine (`bundled:unet2d_nuclei_broad`)."""
+
+    def resolve(self, ref: str, *, cache_dir: Path) -> Path:
+        from .bundled import bundled_path
+
+        _, name = split_ref(ref)
+        return bundled_path(name.strip())
 
 
 class ZipSource(ModelSource):
