@@ -143,13 +143,16 @@ class Router:
         if route:
             route.draining = True
 
-    async def wait_idle(self, replica_id: str, timeout: float) -> None:
-        """Wait until a draining replica has no request in flight (or timeout)."""
+    async def wait_idle(self, replica_id: str, timeout: float) -> int:
+        """Wait until a draining replica has no request in flight (or timeout); returns how
+        many were still in flight (0 when it drained)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             route = self.routes.get(replica_id)
             if route is None or route.outstanding == 0:
-                return
+                return 0
+            if time.monotonic() >= deadline:
+                return route.outstanding
             await asyncio.sleep(0.05)
 
     def ready_count(self) -> int:

@@ -207,9 +207,10 @@ class ReplicaSupervisor:
         if replica is not None:
             replica.retiring = True
         self.router.drain(replica_id)
-        await self.router.wait_idle(replica_id, timeout=self.settings.request_timeout)
+        left = await self.router.wait_idle(replica_id, timeout=self.settings.request_timeout)
         await self.router.release(replica_id)
-        self.say(f"stopping replica {replica_id} ({reason})")
+        drained = "drained" if not left else f"not drained ({left} request(s) still in flight)"
+        self.say(f"replica {replica_id} {drained}; stopping it ({reason})")
         try:
             await asyncio.to_thread(self.executor.stop, replica_id, grace=self.settings.stop_grace)
         except BioEngineError as exc:

@@ -286,6 +286,8 @@ def test_torchscript_weights_reproduce_test_output(tmp_path):
     finally:
         assert serve.stop() == 0
     assert triton_pids(tmp_path / "state") == set()
+    # each replica's end is a line the operator can follow
+    assert "drained; stopping it (shutdown)" in serve.output, serve.output
 
 
 def test_sigterm_leaves_nothing_and_restart_after_kill9_adopts(tmp_path):
