@@ -51,6 +51,36 @@ def check_references(config: SiteConfig) -> list[str]:
                 path = path if path.is_absolute() else config.config_dir / path
                 if not path.is_file() or not os.access(path, os.R_OK):
                     problems.append(f"{where}: no readable file at {path}")
+    return problems + _local_models(config, label)
+
+
+def _local_models(config: SiteConfig, label: str) -> list[str]:
+    """Models from this machine (`folder:`, `zip:`, `bundled:`) must be there; other sources
+    check their references themselves when they resolve."""
+    from .bundled import bundled_path
+    from .errors import ModelError
+    from .sources import split_ref
+    from .util import find_rdf
+
+    problems = []
+    for index, model in enumerate(config.models, start=1):
+        scheme, rest = split_ref(model.source)
+        where = f"{label}: [models #{index}] key 'source' = {model.source!r}"
+        path = Path(rest).expanduser()
+        relative = "" if path.is_absolute() else " (relative to the config's directory)"
+        path = path if path.is_absolute() else config.config_dir / path
+        try:
+            if scheme == "bundled":
+                bundled_path(rest.strip())
+            elif scheme == "folder":
+                folder = path.parent if path.is_file() and path.suffix == ".yaml" else path
+                if not folder.is_dir():
+                    raise ModelError(f"no folder at {path}{relative}")
+                find_rdf(folder)
+            elif scheme == "zip" and not path.is_file():
+                raise ModelError(f"no file at {path}{relative}")
+        except ModelError as exc:
+            problems.append(f"{where}: {exc}")
     return problems
 
 

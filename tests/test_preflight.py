@@ -77,3 +77,26 @@ def test_verbose_flag_counts_and_keeps_wire_logs_for_vv():
         assert logging.getLogger("botocore.endpoint").getEffectiveLevel() == logging.DEBUG
     finally:
         set_verbosity(0)
+
+
+def test_config_check_finds_local_models_that_are_not_there(tmp_path):
+    (tmp_path / "empty").mkdir()
+    site = tmp_path / "site.toml"
+    site.write_text(
+        '[executor]\nkind = "local"\n'
+        '[[models]]\nsource = "folder:./nope"\n[[models]]\nsource = "bundled:nope"\n'
+        '[[models]]\nsource = "zip:nope.zip"\n[[models]]\nsource = "empty"\n'
+        '[[models]]\nsource = "bundled:tiny_affine"\n'
+    )
+    result = run_cli("config", "check", "--config", str(site), "--offline")
+    assert result.returncode == 2
+    lines = [x.strip() for x in result.stderr.splitlines() if x.strip().startswith("- ")]
+    assert len(lines) == 4, result.stderr
+    assert (
+        f"[models #1] key 'source' = 'folder:./nope': no folder at {tmp_path / 'nope'}"
+        in (lines[0])
+    )
+    assert "[models #2]" in lines[1] and "no bundled model 'nope'" in lines[1]
+    assert "tiny_affine" in lines[1]
+    assert "[models #3]" in lines[2] and f"no file at {tmp_path / 'nope.zip'}" in lines[2]
+    assert "[models #4]" in lines[3] and "not a bioimage.io model package" in lines[3]
