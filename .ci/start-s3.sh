@@ -6,9 +6,11 @@
 #   bash .ci/start-s3.sh stop     stop it (SIGTERM, then SIGKILL after a short grace: weed
 #                                 ignores SIGTERM for a long time)
 #
-# Fixed ports (all in 23300-23399, so nothing else on the machine collides with the defaults
-# 8080/8333/8888/9333 of SeaweedFS): S3 on 23333, master 23330, volume 23332, filer 23335,
-# with their gRPC ports next to them. Data, log and pid live in $BIOENGINE_S3_DIR
+# Ports come from the environment: BIOENGINE_S3_PORT (default 23333) for S3, and
+# BIOENGINE_S3_PORT_BASE (default 23330) for SeaweedFS's own servers: master BASE, its gRPC
+# BASE+1, volume BASE+2 (gRPC +4), filer BASE+5 (gRPC +6), S3 gRPC BASE+7. The defaults stay in
+# 23330-23337, clear of SeaweedFS's usual 8080/8333/8888/9333. If you change the S3 port, give the
+# tests BIOENGINE_S3_ENDPOINT=http://127.0.0.1:PORT too. Data, log and pid live in $BIOENGINE_S3_DIR
 # (default /tmp/bioengine-s3). One identity with admin rights:
 #   access key  bioengine-ci   secret  bioengine-ci-secret
 # The tests read BIOENGINE_S3_ENDPOINT / _ACCESS_KEY / _SECRET_KEY and default to these values.
@@ -16,7 +18,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DIR="${BIOENGINE_S3_DIR:-/tmp/bioengine-s3}"
-S3_PORT=23333
+S3_PORT="${BIOENGINE_S3_PORT:-23333}"
+BASE="${BIOENGINE_S3_PORT_BASE:-23330}"
+for value in "$S3_PORT" "$BASE"; do
+    [[ "$value" =~ ^[0-9]+$ ]] && [ "$value" -ge 1024 ] && [ "$value" -le 65528 ] || {
+        echo "start-s3: BIOENGINE_S3_PORT / BIOENGINE_S3_PORT_BASE must be ports in 1024-65528" >&2
+        exit 2
+    }
+done
 ACCESS_KEY="bioengine-ci"
 SECRET_KEY="bioengine-ci-secret"
 PIDFILE="$DIR/weed.pid"
@@ -25,13 +34,13 @@ LOG="$DIR/weed.log"
 answers() {
     # Up = the S3 port answers HTTP (403 for an anonymous request) and the master knows a
     # volume server (before that, the first upload fails with "Not enough data nodes").
-    python3 - "$S3_PORT" <<'EOF' >/dev/null 2>&1
+    python3 - "$S3_PORT" "$BASE" <<'EOF' >/dev/null 2>&1
 import json, sys, urllib.request, urllib.error
 try:
     urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=2)
 except urllib.error.HTTPError:
     pass
-with urllib.request.urlopen("http://127.0.0.1:23330/dir/status", timeout=2) as resp:
+with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[2]}/dir/status", timeout=2) as resp:
     topology = json.loads(resp.read())["Topology"]
 nodes = [n for dc in topology.get("DataCenters") or [] for r in dc.get("Racks") or []
          for n in r.get("DataNodes") or []]
@@ -65,11 +74,11 @@ fi
 # Each bucket is a SeaweedFS collection that takes up to 7 volumes: allow plenty of (sparse,
 # not preallocated) volumes, or uploads fail with "No writable volumes" after a few buckets.
 ARGS=(server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$DIR/data"
-    -master.port=23330 -master.port.grpc=23331 -master.telemetry=false
+    -master.port="$BASE" -master.port.grpc=$((BASE + 1)) -master.telemetry=false
     -master.volumeSizeLimitMB=64 -volume.max=200
-    -volume.port=23332 -volume.port.grpc=23334
-    -filer.port=23335 -filer.port.grpc=23336
-    -s3 -s3.port="$S3_PORT" -s3.port.grpc=23337 -s3.config="$DIR/identities.json"
+    -volume.port=$((BASE + 2)) -volume.port.grpc=$((BASE + 4))
+    -filer.port=$((BASE + 5)) -filer.port.grpc=$((BASE + 6))
+    -s3 -s3.port="$S3_PORT" -s3.port.grpc=$((BASE + 7)) -s3.config="$DIR/identities.json"
     -s3.port.iceberg=0 -s3.port.lance=0)
 
 if running && answers && [ "$(cat "$DIR/args" 2>/dev/null)" = "${ARGS[*]}" ]; then

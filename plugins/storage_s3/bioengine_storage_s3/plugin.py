@@ -30,6 +30,26 @@ def make_storage(*, settings: S3StorageSettings, context: BackendContext) -> S3S
     return S3Storage(settings, sync_dir=sync_dir, progress=progress)
 
 
+def preflight(*, settings: S3StorageSettings, context: BackendContext, offline: bool) -> list[str]:
+    """Online: the bucket answers to the configured credentials (short timeouts, one try)."""
+    if offline:
+        return []
+    from bioengine_core.errors import StorageError
+
+    from .storage import S3Storage
+
+    try:
+        # only the bucket is contacted: a mirror path is named (sync mode needs one), not made
+        mirror = context.state_dir / "s3-mirror" if settings.mode == "sync" else None
+        storage = S3Storage(settings, sync_dir=mirror, progress=lambda _: None, quick=True)
+    except StorageError as exc:
+        return [str(exc)]
+    try:
+        return storage.preflight()
+    finally:
+        storage.client.close()
+
+
 @hookimpl
 def bioengine_register_storages() -> list[StorageType]:
     """The `s3` storage."""
@@ -40,5 +60,6 @@ def bioengine_register_storages() -> list[StorageType]:
             factory=make_storage,
             description="Model repository in an S3 bucket (AWS, MinIO, SeaweedFS, Ceph); "
             "atomic, incremental publishing; Triton reads s3:// or a local mirror",
+            preflight=preflight,
         )
     ]

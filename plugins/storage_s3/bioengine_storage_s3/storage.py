@@ -49,6 +49,7 @@ import boto3
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
+from botocore.exceptions import ConnectTimeoutError
 
 from bioengine_core.contracts import RepositoryLocation, Storage
 from bioengine_core.errors import StorageError
@@ -188,8 +189,10 @@ class _Progress:
                 self.next_step = (percent // 25 + 1) * 25
 
 
-def _s3_client(settings: S3StorageSettings, creds: dict[str, str]) -> Any:
-    """A boto3 S3 client for the settings' endpoint, with `creds` (AWS_* names) if given."""
+def _s3_client(settings: S3StorageSettings, creds: dict[str, str], *, quick: bool = False) -> Any:
+    """A boto3 S3 client for the settings' endpoint, with `creds` (AWS_* names) if given;
+    `quick`: short timeouts and a single attempt (for preflight checks)."""
+    extra: dict[str, Any] = {"connect_timeout": 3, "read_timeout": 5} if quick else {}
     return boto3.session.Session().client(
         "s3",
         endpoint_url=settings.endpoint_url,
@@ -200,7 +203,8 @@ def _s3_client(settings: S3StorageSettings, creds: dict[str, str]) -> Any:
         verify=settings.verify_tls,
         config=Config(
             s3={"addressing_style": "path" if settings.path_style() else "auto"},
-            retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+            retries={"max_attempts": 1 if quick else settings.max_attempts, "mode": "standard"},
+            **extra,
             max_pool_connections=max(10, 2 * settings.max_concurrency),
             # Only checksums the server asked for: on-site S3 servers vary in support.
             request_checksum_calculation="when_required",
@@ -218,6 +222,7 @@ class S3Storage(Storage):
         *,
         sync_dir: Path | None = None,
         progress: Callable[[str], None] | None = None,
+        quick: bool = False,
     ):
         self.settings = settings
         self.bucket = settings.bucket
@@ -231,7 +236,7 @@ class S3Storage(Storage):
                 f"[storage] names the environment variable {exc.args[0]} for S3 credentials, "
                 "but it is not set"
             ) from None
-        self._client = _s3_client(settings, self._credentials or {})
+        self._client = _s3_client(settings, self._credentials or {}, quick=quick)
         self._transfer = TransferConfig(
             multipart_threshold=settings.multipart_threshold_mb * 1024 * 1024,
             multipart_chunksize=max(8, settings.multipart_threshold_mb // 4) * 1024 * 1024,
@@ -262,6 +267,50 @@ class S3Storage(Storage):
     def _url(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{key}"
 
+    def _credential_settings(self) -> str:
+        """How the credentials were given, as the operator wrote it (never the values)."""
+        st = self.settings
+        if st.access_key_id_env or st.secret_access_key_env:
+            return (
+                f"the variables {st.access_key_id_env or '(access_key_id)'} and "
+                f"{st.secret_access_key_env or '(secret_access_key)'} named by [storage] "
+                "access_key_id_env / secret_access_key_env"
+            )
+        if st.access_key_id is not None:
+            return "[storage] access_key_id / secret_access_key"
+        return "the AWS credentials of the environment (AWS_ACCESS_KEY_ID, ~/.aws, a role)"
+
+    def _hint(self, code: str) -> str:
+        """The cause and fix of an S3 error code an operator can cause."""
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return f" — the server refused the credentials: check {self._credential_settings()}"
+        if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
+            return (
+                f" — credentials refused or not allowed here: check "
+                f"{self._credential_settings()}, and that the bucket policy lets this user "
+                f"list, read and write s3://{self.bucket}/{self.prefix}"
+            )
+        if code in ("NoSuchBucket", "404", "NotFound"):
+            return f" — bucket {self.bucket!r} does not exist: create it or fix [storage] bucket"
+        if code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "301", "400"):
+            return f" — the bucket is in another region: fix [storage] region ({self.settings.region!r})"
+        return ""
+
+    def preflight(self) -> list[str]:
+        """Whether the bucket answers to these credentials (one HeadBucket and one small
+        listing, no retries): problems as one line each with the fix."""
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+            self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix + "/", MaxKeys=1)
+        except botocore.exceptions.ClientError as exc:
+            code = self._code(exc)
+            if code in ("404", "NoSuchBucket", "NotFound") and self.settings.create_bucket:
+                return []  # serve creates it
+            return [str(self._error(exc, "HeadBucket"))]
+        except botocore.exceptions.BotoCoreError as exc:
+            return [str(self._error(exc, "HeadBucket"))]
+        return []
+
     def _error(self, exc: Exception, operation: str, key: str = "") -> S3StorageError:
         """A StorageError carrying S3's error code, the operation and the object."""
         where = self._url(key)
@@ -274,7 +323,7 @@ class S3Storage(Storage):
             )
             message = err.get("Message", "") or str(exc)
             return S3StorageError(
-                f"S3 {operation} of {where} failed: {code}: {message}",
+                f"S3 {operation} of {where} failed: {code}: {message}{self._hint(code)}",
                 code=code,
                 operation=operation,
                 key=key,
@@ -287,9 +336,10 @@ class S3Storage(Storage):
                 operation=operation,
                 key=key,
             )
-        if isinstance(exc, botocore.exceptions.EndpointConnectionError):
+        if isinstance(exc, botocore.exceptions.EndpointConnectionError | ConnectTimeoutError):
             return S3StorageError(
-                f"S3 {operation} of {where} failed: cannot connect to the endpoint ({exc})",
+                f"S3 {operation} of {where} failed: no S3 server answers ({exc}) — check "
+                "[storage] endpoint_url and that the server runs and is reachable from here",
                 code="EndpointConnectionError",
                 operation=operation,
                 key=key,
@@ -446,6 +496,19 @@ class S3Storage(Storage):
         started = time.monotonic()
         report = PublishReport(name=name, version=uuid.uuid4().hex[:12])
         plan = self._plan_publish(name, local)
+        if (
+            plan.old is not None
+            and _same_files(plan.old, local)
+            and not (plan.missing or plan.changed or plan.stale)
+        ):
+            # A restart with an unchanged model: nothing is written, so the objects' ETags and
+            # times stay as they were and `sync` mirrors have nothing to fetch.
+            report.version = str(plan.old.get("version", ""))
+            report.unchanged = sorted(local)
+            report.seconds = time.monotonic() - started
+            self.last_publish = report
+            self.progress(f"{name}: unchanged in {self._url(plan.tree)}; nothing written")
+            return plan.old
 
         # 1. Content: upload what the bucket does not hold yet (invisible to Triton and get).
         self._upload_blobs(name, local, plan.missing)
@@ -855,3 +918,12 @@ class S3Storage(Storage):
     def close(self) -> None:
         """Release the HTTP connections."""
         self._client.close()
+
+
+def _same_files(manifest: dict[str, Any], local: dict[str, tuple[Path, int, str]]) -> bool:
+    """True when `manifest` lists exactly the files of `local` with the same sha256 and size."""
+    files = manifest.get("files") or {}
+    return set(files) == set(local) and all(
+        files[rel].get("sha256") == sha and files[rel].get("size") == size
+        for rel, (_, size, sha) in local.items()
+    )

@@ -95,10 +95,47 @@ def test_republishing_sends_only_changed_files(
         assert after[rel]["LastModified"] == before[rel]["LastModified"]
     assert read_tree(storage.get("m", tmp_path / "out")) == read_tree(src)
 
-    requests.clear()
-    storage.put("m", src)  # nothing changed: only the new manifest is written
-    assert storage.last_publish.uploaded == [] and storage.last_publish.updated == []
-    assert requests.count("PutObject") == 1 and requests.count("CopyObject") == 0
+
+def all_objects(server, prefix: str) -> dict[str, tuple]:
+    """Every object under `prefix` (tree, blobs, manifests): key -> (ETag, LastModified)."""
+    client = server.client()
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=server.bucket, Prefix=prefix + "/"
+        )
+        return {
+            obj["Key"]: (obj["ETag"], obj["LastModified"])
+            for page in pages
+            for obj in page.get("Contents", [])
+        }
+    finally:
+        client.close()
+
+
+def test_a_restart_with_unchanged_models_writes_nothing(
+    server, make_storage, prefix, write_model, tmp_path
+):
+    """What a restart of `serve` does: a new storage publishes the same model again. No request
+    may write (the manifest included), so every object keeps its ETag and time."""
+    src = write_model(tmp_path / "src", V1)
+    make_storage(server, prefix).put("m", src)
+    before = all_objects(server, prefix)
+    assert any(key.endswith("m.json") for key in before), before  # the manifest is there
+
+    restarted = make_storage(server, prefix)
+    requests = Requests(restarted)
+    restarted.put("m", src)
+    written = [op for op, _ in requests.calls if op.startswith(("Put", "Copy", "Delete"))]
+    written += [op for op, _ in requests.calls if op in ("CreateMultipartUpload",)]
+    assert written == [], requests.calls
+    assert all_objects(server, prefix) == before
+    assert restarted.last_publish.updated == [] and restarted.last_publish.uploaded == []
+
+    (src / "1" / "model.py").write_bytes(b"# changed\n")  # a change is still published
+    restarted.put("m", src)
+    after = all_objects(server, prefix)
+    assert after != before
+    assert restarted.last_publish.updated == ["1/model.py"]
 
 
 def test_identical_content_is_stored_once_across_models(

@@ -35,7 +35,9 @@ secret_access_key = "{SECRET}"
 
 def test_config_check_accepts_and_masks_the_secret(tmp_path):
     """A valid section passes `config check --show`, and the secret is never printed."""
-    result = run_cli("config", "check", "--show", "--config", str(site(tmp_path, GOOD)))
+    result = run_cli(
+        "config", "check", "--offline", "--show", "--config", str(site(tmp_path, GOOD))
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "storage 's3'" in result.stdout
     assert SECRET not in result.stdout + result.stderr
@@ -58,7 +60,7 @@ def test_config_check_accepts_and_masks_the_secret(tmp_path):
 def test_config_check_names_the_bad_key(tmp_path, good, bad, key):
     """Bad values exit 2 with a message naming the file, [storage] and the key."""
     path = site(tmp_path, GOOD.replace(good, bad))
-    result = run_cli("config", "check", "--config", str(path))
+    result = run_cli("config", "check", "--offline", "--config", str(path))
     out = (result.stdout + result.stderr).replace("\n", "")
     assert result.returncode == 2, out
     assert str(path) in out and "[storage]" in out and f"'{key}'" in out
@@ -91,6 +93,7 @@ def test_secret_from_the_environment_override(tmp_path):
     result = run_cli(
         "config",
         "check",
+        "--offline",
         "--show",
         "--config",
         str(site(tmp_path, text)),
@@ -183,7 +186,7 @@ def test_the_example_config_is_valid():
     """plugins/storage_s3/examples/s3.toml passes `config check` (docs/s3.md points to it)."""
     example = Path(__file__).resolve().parents[1] / "examples" / "s3.toml"
     env = {"SITE_S3_ACCESS_KEY": "example-key-id", "SITE_S3_SECRET_KEY": "example-secret"}
-    result = run_cli("config", "check", "--config", str(example), env=env)
+    result = run_cli("config", "check", "--offline", "--config", str(example), env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "storage 's3'" in result.stdout and "1 model(s)" in result.stdout
     # without them, config check says which variable is missing (serve would need it)

@@ -1,0 +1,136 @@
+"""What an operator sees before and while serving when S3 refuses: `config check` contacts the
+bucket (unless --offline) and names the cause and the setting that fixes it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from core_helpers import free_port, run_cli
+
+pytestmark = pytest.mark.s3
+
+
+def site(tmp_path: Path, server, prefix: str, **storage: str) -> Path:
+    """A site config using the real server, credentials from named variables."""
+    values = {
+        "endpoint_url": server.endpoint,
+        "bucket": server.bucket,
+        "prefix": prefix,
+        "access_key_id_env": "SITE_S3_KEY",
+        "secret_access_key_env": "SITE_S3_SECRET",
+        **storage,
+    }
+    body = "".join(f'{k} = "{v}"\n' for k, v in values.items())
+    path = tmp_path / "site.toml"
+    path.write_text(
+        f'[engine]\nname = "pf"\nstate_dir = "state"\n\n[storage]\nkind = "s3"\n{body}'
+        '\n[[models]]\nsource = "bundled:tiny_affine"\n'
+    )
+    return path
+
+
+@pytest.fixture
+def creds(seaweed) -> dict[str, str]:
+    """The server's credentials in the variables the site config names."""
+    return {"SITE_S3_KEY": seaweed.access_key, "SITE_S3_SECRET": seaweed.secret_key}
+
+
+def test_good_credentials_pass_and_a_wrong_secret_names_the_variables(
+    seaweed, prefix, tmp_path, creds
+):
+    path = site(tmp_path, seaweed, prefix)
+    ok = run_cli("config", "check", "--config", str(path), env=creds)
+    assert ok.returncode == 0, ok.stderr
+
+    wrong = {**creds, "SITE_S3_SECRET": "not-the-secret"}
+    bad = run_cli("config", "check", "--config", str(path), env=wrong)
+    assert bad.returncode == 2, bad.stdout
+    assert (
+        "[storage]" in bad.stderr
+        and "SignatureDoesNotMatch" in bad.stderr
+        or ("AccessDenied" in bad.stderr or "403" in bad.stderr)
+    )
+    assert "SITE_S3_KEY and SITE_S3_SECRET" in bad.stderr
+    assert "access_key_id_env / secret_access_key_env" in bad.stderr
+    assert "not-the-secret" not in bad.stderr and "Traceback" not in bad.stderr
+    offline = run_cli("config", "check", "--offline", "--config", str(path), env=wrong)
+    assert offline.returncode == 0, offline.stderr
+
+    # serve checks the same before starting anything
+    served = run_cli("serve", "--config", str(path), env=wrong, timeout=60)
+    assert served.returncode == 2 and "SITE_S3_KEY and SITE_S3_SECRET" in served.stderr
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_missing_bucket_is_named_with_the_fix(seaweed, prefix, tmp_path, creds):
+    path = site(tmp_path, seaweed, prefix, bucket=f"absent-{prefix}")
+    bad = run_cli("config", "check", "--config", str(path), env=creds)
+    assert bad.returncode == 2
+    assert f"bucket 'absent-{prefix}' does not exist" in bad.stderr
+    assert "fix [storage] bucket" in bad.stderr
+
+
+def test_no_server_at_the_endpoint_names_endpoint_url(seaweed, prefix, tmp_path, creds):
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    path = site(tmp_path, seaweed, prefix, endpoint_url=endpoint)
+    bad = run_cli("config", "check", "--config", str(path), env=creds, timeout=60)
+    assert bad.returncode == 2
+    assert "no S3 server answers" in bad.stderr and "[storage] endpoint_url" in bad.stderr
+    assert endpoint in bad.stderr
+
+
+def test_debug_log_of_a_publish_is_short_and_carries_no_credentials(
+    seaweed, make_storage, prefix, write_model, tmp_path, caplog
+):
+    """`bioengine -v serve`: BioEngine's debug log, not botocore's wire log with key ids."""
+    from bioengine_core.cli import set_verbosity
+
+    storage = make_storage(seaweed, prefix)
+    src = write_model(tmp_path / "src", {"config.pbtxt": b'name: "m"\n', "1/w.bin": b"x" * 999})
+    try:
+        set_verbosity(1)
+        with caplog.at_level(logging.DEBUG):
+            storage.put("m", src)
+    finally:
+        set_verbosity(0)
+    text = caplog.text
+    assert seaweed.access_key not in text and seaweed.secret_key not in text
+    assert len(text.splitlines()) < 100, text[:2000]
+    assert "published m" in text  # the publish summary is there
+
+
+def test_start_script_takes_its_ports_from_the_environment(tmp_path):
+    """`.ci/start-s3.sh` on other ports (a second server beside the shared one), then stopped."""
+    import shutil
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    from core_helpers import ROOT
+
+    script = ROOT / ".ci" / "start-s3.sh"
+    from bioengine_core.testing.pytest_plugin import require_service
+
+    weed = shutil.which("weed") or (ROOT / ".venv" / "bin" / "weed").exists()
+    require_service(bool(weed), "the weed (SeaweedFS) binary")
+    base = 30000 + free_port() % 20000
+    env = {
+        "PATH": f"{ROOT / '.venv' / 'bin'}:/usr/bin:/bin",
+        "BIOENGINE_S3_DIR": str(tmp_path / "s3"),
+        "BIOENGINE_S3_PORT": str(base + 9),
+        "BIOENGINE_S3_PORT_BASE": str(base),
+    }
+    bad = subprocess.run(["bash", str(script)], env={**env, "BIOENGINE_S3_PORT": "80x"},
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "BIOENGINE_S3_PORT" in bad.stderr
+    try:
+        up = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"http://127.0.0.1:{base + 9}" in up.stdout
+        with pytest.raises(urllib.error.HTTPError):  # S3 answers (403 to an anonymous call)
+            urllib.request.urlopen(f"http://127.0.0.1:{base + 9}/", timeout=5)
+    finally:
+        subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True, timeout=60)
