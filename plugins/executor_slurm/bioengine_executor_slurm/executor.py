@@ -1,6 +1,6 @@
 """The SLURM executor: each Triton replica is one batch job; its id is the Slurm job id.
 
-A job is marked as ours by its name (`PREFIX-DEPLOYMENT`), its comment and its user; that is how
+A job is marked as ours by its name (`DEPLOYMENT.bioengine`), its comment and its user; that is how
 a restarted `serve` adopts running jobs, and why stop never touches anybody else's job. The job
 runs `python -m bioengine_executor_slurm.launch`, which publishes `host:port` in a shared
 endpoint directory once Triton answers ready. One squeue answer (reused for `poll_interval`
@@ -26,7 +26,14 @@ from bioengine_core.errors import CommandError, ExecutorError
 from bioengine_core.triton import find_triton, is_ready
 from bioengine_core.util import DEPLOYMENT_LABEL, read_json
 
-from .script import ScriptPaths, job_name, parse_comment, render_script, replica_env
+from .script import (
+    ScriptPaths,
+    deployment_of,
+    job_name,
+    parse_comment,
+    render_script,
+    replica_env,
+)
 from .settings import SlurmSettings
 from .slurm import Job, SlurmCLI, sbatch_hint
 from .states import ended_message, pending_message, translate
@@ -60,6 +67,7 @@ class SlurmExecutor(Executor):
         self._snapshot_at = 0.0
         self._known: set[str] = set()  # jobs this instance started or adopted
         self._names = {job_name(settings, context.deployment)}
+        self._fit: str | None = None
         self._last_labels: dict[str, dict[str, str]] = {}  # for answers while Slurm is away
         self._pruned = False
 
@@ -226,6 +234,8 @@ class SlurmExecutor(Executor):
             return self._running(job, exit_info)
         if job.state == "PENDING":
             message, can_wait = pending_message(job.reason)
+            if not can_wait:
+                message += self._what_to_change()
             status = self._status(job, ReplicaState.PENDING, message)
             status.unsatisfiable = not can_wait
             return status
@@ -233,6 +243,20 @@ class SlurmExecutor(Executor):
         if meaning.state.alive:
             return self._status(job, meaning.state, meaning.message)
         return self._status(job, ReplicaState.FAILED, ended_message(job, exit_info))
+
+    def _what_to_change(self) -> str:
+        """For a job that can never start: which [executor] keys exceed the partition (what
+        `config check` says), asked once per executor."""
+        if self._fit is None:
+            from .preflight import preflight
+
+            try:
+                self._fit = "; ".join(
+                    preflight(settings=self.settings, context=self.context, offline=False)
+                )
+            except Exception:  # advice only: the job's own reason is already in the message
+                self._fit = ""
+        return f" — {self._fit}" if self._fit else ""
 
     def _gone(self, job_id: str, exit_info: dict[str, Any] | None) -> ReplicaStatus:
         """A job Slurm no longer knows: STOPPED if we stopped it (or never had it), else FAILED."""
@@ -283,7 +307,7 @@ class SlurmExecutor(Executor):
     def _status(
         self, job: Job, state: ReplicaState, message: str, endpoint: dict[str, Any] | None = None
     ) -> ReplicaStatus:
-        deployment = job.name.removeprefix(f"{self.settings.job_name_prefix}-")
+        deployment = deployment_of(self.settings, job.name)
         labels = self._labels(deployment, job.job_id, parse_comment(job.comment))
         self._last_labels[job.job_id] = labels
         return ReplicaStatus(

@@ -24,7 +24,13 @@ from pathlib import Path
 from bioengine_core.childenv import child_env
 from bioengine_core.errors import ExecutorError
 from bioengine_core.triton import TritonInstall, find_triton, is_ready, triton_args
-from bioengine_core.util import connect_host, free_ports, url_host, write_json
+from bioengine_core.util import (
+    connect_host,
+    free_ports,
+    parse_port_range,
+    url_host,
+    write_json,
+)
 
 from .jobenv import RUNTIME_ALLOW, TRITON_ALLOW, matching
 
@@ -182,6 +188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repository", required=True)
     p.add_argument("--model", action="append", default=[])
     p.add_argument("--bind-address", default="0.0.0.0")
+    p.add_argument("--port-range", help="Triton's ports from this range (e.g. 9100-9199).")
     p.add_argument("--advertise-host")
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--exit-timeout", type=int, default=None)
@@ -218,7 +225,8 @@ class Launcher:
     def run(self) -> int:
         """Start Triton, publish its endpoint when ready, wait for it, report how it ended."""
         try:
-            ports = free_ports(self.args.bind_address, 3)
+            within = parse_port_range(self.args.port_range) if self.args.port_range else None
+            ports = free_ports(self.args.bind_address, 3, within=within)
             cmd, env = build_command(self.args, ports)
         except (ExecutorError, OSError) as exc:
             return self.finish(2, f"cannot start tritonserver: {exc}")
@@ -310,7 +318,14 @@ class Launcher:
             except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for safety
                 continue
         if self.stop_signal is not None:
-            return 0, f"tritonserver stopped (signal {self.stop_signal}), exit code {code}"
+            name = signal.Signals(self.stop_signal).name
+            how = f"exit code {code}" if code >= 0 else f"ended by {signal.Signals(-code).name}"
+            return 0, (
+                f"stopped by {name} (job cancelled, or its time limit reached); tritonserver "
+                f"{how}; job exit code 0"
+            )
+        if code < 0:
+            return 128 - code, f"tritonserver crashed: killed by {signal.Signals(-code).name}"
         return code or 1, f"tritonserver exited unexpectedly with code {code}"
 
     def finish(self, code: int, reason: str) -> int:

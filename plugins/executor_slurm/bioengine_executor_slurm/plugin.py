@@ -8,6 +8,7 @@ from bioengine_core.contracts import BackendContext, ExecutorType
 from bioengine_core.hookspecs import hookimpl
 
 from .executor import SlurmExecutor
+from .preflight import preflight
 from .settings import SlurmSettings
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ def bioengine_register_executors() -> list[ExecutorType]:
             settings=SlurmSettings,
             factory=make_executor,
             description="Triton replicas as SLURM batch jobs (sbatch/squeue/scancel)",
+            preflight=preflight,
         )
     ]
 

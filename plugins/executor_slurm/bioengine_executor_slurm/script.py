@@ -73,8 +73,18 @@ class ScriptPaths:
 
 
 def job_name(settings: SlurmSettings, deployment: str) -> str:
-    """The job name that marks a job as a replica of `deployment`."""
-    return f"{settings.job_name_prefix}-{deployment}"
+    """The job name that marks a job as a replica of `deployment` (deployment first, so that
+    squeue's 8-character name column tells deployments apart)."""
+    if settings.job_name_prefix:
+        return f"{settings.job_name_prefix}-{deployment}"
+    return f"{deployment}.{settings.job_name_suffix}"
+
+
+def deployment_of(settings: SlurmSettings, name: str) -> str:
+    """The deployment a job name of ours stands for (inverse of `job_name`)."""
+    if settings.job_name_prefix:
+        return name.removeprefix(f"{settings.job_name_prefix}-")
+    return name.removesuffix(f".{settings.job_name_suffix}")
 
 
 def job_comment(deployment: str, labels: dict[str, str] | None = None) -> str:
@@ -137,6 +147,8 @@ def launch_command(
     for model in spec.models:
         opt("--model", model)
     opt("--bind-address", settings.bind_address)
+    if settings.port_range:
+        opt("--port-range", settings.port_range)
     if settings.advertise_host:
         opt("--advertise-host", settings.advertise_host)
     opt("--ready-timeout", f"{settings.ready_timeout:g}")

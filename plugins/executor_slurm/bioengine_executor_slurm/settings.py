@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from bioengine_core.contracts import BackendSettings
+from bioengine_core.util import parse_port_range
 
 _TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}(:\d{1,2})?)?)$")
 _MEMORY = re.compile(r"^\d+[KMGT]?$", re.I)
@@ -29,7 +30,13 @@ class SlurmSettings(BackendSettings):
         description="Job time limit in Slurm's format (`MM`, `HH:MM:SS`, `D-HH:MM:SS`). A "
         "successor job is started before a job reaches it.",
     )
-    cpus: int = Field(4, ge=1, description="CPUs for Triton (`--cpus-per-task`).")
+    cpus: int = Field(
+        2,
+        ge=1,
+        description="CPUs for Triton (`--cpus-per-task`). The default 2 fits the smallest "
+        "nodes; raise it for busy models (`config check` compares it with the partition's "
+        "nodes).",
+    )
     memory: str | None = Field(
         None, description="Memory per node (`--mem`, e.g. `16G`); site default if unset."
     )
@@ -103,6 +110,11 @@ class SlurmSettings(BackendSettings):
     bind_address: str = Field(
         "0.0.0.0", description="Address Triton listens on, on the compute node."
     )
+    port_range: str | None = Field(
+        None,
+        description="Ports Triton may use on the compute node, e.g. `9100-9199` (HTTP, gRPC "
+        "and metrics take the lowest free ones), for nodes whose firewall opens only a range.",
+    )
     advertise_host: str | None = Field(
         None,
         description="Host name or address the engine uses to reach a replica (default: the "
@@ -120,10 +132,18 @@ class SlurmSettings(BackendSettings):
         description="Your own batch-script template (Jinja2); default: the one shipped with the "
         "plugin (`bioengine slurm template` prints it).",
     )
-    job_name_prefix: str = Field(
+    job_name_suffix: str = Field(
         "bioengine",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Jobs are named DEPLOYMENT.SUFFIX: the deployment comes first so plain "
+        "`squeue` (8-character name column) tells deployments apart; the name is how "
+        "restarts adopt jobs.",
+    )
+    job_name_prefix: str | None = Field(
+        None,
         pattern=r"^[A-Za-z0-9_.-]+$",
-        description="Jobs are named PREFIX-DEPLOYMENT; that name is how restarts adopt them.",
+        description="Deprecated: name jobs PREFIX-DEPLOYMENT as releases before 0.2 did (set it "
+        "to 'bioengine' while jobs started by such a release still run, so they are adopted).",
     )
     ready_timeout: float = Field(
         600.0, gt=0, description="Seconds a started job may take for Triton to answer ready."
@@ -142,6 +162,13 @@ class SlurmSettings(BackendSettings):
         3, ge=0, description="Retries of Slurm commands on transient controller errors."
     )
     command_timeout: float = Field(30.0, gt=0, description="Seconds before a Slurm command fails.")
+
+    @field_validator("port_range")
+    @classmethod
+    def _port_range(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_port_range(value)
+        return value
 
     @field_validator("time_limit")
     @classmethod

@@ -77,7 +77,7 @@ def deployment() -> Iterator[str]:
     """A deployment name no other test (or helper) uses; its jobs are cancelled afterwards."""
     name = f"t{uuid.uuid4().hex[:8]}"
     yield name
-    scancel_names(f"bioengine-{name}", f"bioengine-{name}-other")
+    scancel_names(f"{name}.bioengine", f"{name}-other.bioengine")
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ people's) jobs; the `deployment` fixture cancels whatever is left at teardown.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -62,6 +63,14 @@ def test_two_replicas_ready_then_outside_scancel_is_failed_with_reason(make_exec
     assert "ready: http://127.0.0.1:" in executor.logs(a.replica_id)
 
     subprocess.run(["scancel", a.replica_id], check=True)
+    exit_file = Path(executor.paths.endpoints) / f"{a.replica_id}.exit.json"
+    wait = time.monotonic() + 30
+    while not exit_file.exists() and time.monotonic() < wait:
+        time.sleep(0.3)
+    ended = json.loads(exit_file.read_text())  # what the launcher says agrees with the job
+    assert ended["exit_code"] == 0, ended
+    assert ended["reason"].startswith("stopped by SIGTERM (job cancelled"), ended
+    assert "-11" not in ended["reason"]
     failed = wait_for(executor, a.replica_id, {ReplicaState.FAILED}, timeout=30)
     assert "outside BioEngine" in failed.message, failed.message
     # Once the job has ended, Slurm's final state is in the message.
@@ -92,7 +101,7 @@ def test_restarted_executor_adopts_jobs_without_duplicates(make_executor, spec, 
     assert adopted[0].state is ReplicaState.READY and adopted[0].url == url
     assert adopted[0].labels["bioengine.deployment"] == spec.deployment
     names = subprocess.run(
-        ["squeue", "-h", "-o", "%j", f"--name=bioengine-{spec.deployment}"],
+        ["squeue", "-h", "-o", "%j", f"--name={spec.deployment}.bioengine"],
         capture_output=True,
         text=True,
         check=True,
@@ -137,6 +146,9 @@ def test_job_requesting_more_cpus_than_any_node_reports_slurms_reason(make_execu
             pending = executor.status(status.replica_id)
         assert "PartitionConfig" in pending.message or "BadConstraints" in pending.message
         assert "will not start" in pending.message
+        # and which key to change, to what the node has (what config check says)
+        assert "cpus = 64 but the largest node in partition" in pending.message, pending.message
+        assert "set [executor] cpus <=" in pending.message
         assert pending.unsatisfiable is True
         assert "pending" in executor.logs(status.replica_id)
     finally:
@@ -240,3 +252,30 @@ def test_controller_outage_keeps_ready_replica_ready(make_executor, spec):
     after = wait_for(executor, job.replica_id, {ReplicaState.READY}, 30)
     assert after.message == "Triton is ready" and after.details["slurm_state"] == "RUNNING"
     executor.stop(job.replica_id, grace=5)
+
+
+def test_triton_ports_come_from_the_port_range(make_executor, spec):
+    """Firewalled nodes: `port_range` confines HTTP, gRPC and metrics ports of the replica."""
+    from core_helpers import free_port
+
+    low = 20000 + free_port() % 30000
+    executor = make_executor(port_range=f"{low}-{low + 20}")
+    status = executor.start(spec)
+    try:
+        ready = wait_for(executor, status.replica_id, {ReplicaState.READY})
+        port = int(ready.url.rsplit(":", 1)[1])
+        assert low <= port <= low + 20, ready.url
+        log = executor.logs(status.replica_id)
+        grpc = int(log.split("(grpc ", 1)[1].split(",", 1)[0])
+        metrics = int(log.split("metrics ", 1)[1].split(")", 1)[0])
+        assert {port, grpc, metrics} <= set(range(low, low + 21)), log
+    finally:
+        executor.stop(status.replica_id, grace=5)
+
+
+def test_a_bad_port_range_names_the_key():
+    from bioengine_executor_slurm.settings import SlurmSettings
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="port range like '9100-9199'"):
+        SlurmSettings(port_range="9100:9199")

@@ -79,7 +79,7 @@ weight_format = "onnx"
 def our_jobs(name: str) -> dict[str, str]:
     """Job id -> state of the jobs of deployment `name` that squeue lists as alive."""
     out = subprocess.run(
-        ["squeue", "-h", f"--name=bioengine-{name}", "-o", "%i %T"],
+        ["squeue", "-h", f"--name={name}.bioengine", "-o", "%i %T"],
         capture_output=True,
         text=True,
         check=True,
@@ -169,7 +169,7 @@ def served(tmp_path_factory):
     finally:
         holder["serve"].stop(signal.SIGTERM)
         print(holder["serve"].output)
-        subprocess.run(["scancel", f"--name=bioengine-{name}"], capture_output=True)
+        subprocess.run(["scancel", f"--name={name}.bioengine"], capture_output=True)
 
 
 def test_two_jobs_serve_the_model_test_output(served):
@@ -271,6 +271,6 @@ def test_two_minute_jobs_are_succeeded_without_gap(tmp_path):
             load.stop()
         serve.stop(signal.SIGTERM)
         print(serve.output)
-        subprocess.run(["scancel", f"--name=bioengine-{name}"], capture_output=True)
+        subprocess.run(["scancel", f"--name={name}.bioengine"], capture_output=True)
     assert our_jobs(name) == {}
     wait_for(lambda: not leftovers(tmp_path / "state"), 30, "no Triton process left behind")

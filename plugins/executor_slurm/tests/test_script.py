@@ -141,7 +141,7 @@ def test_operator_template_replaces_default(tmp_path: Path) -> None:
     context = BackendContext(deployment="lab", state_dir=tmp_path, config_dir=tmp_path)
     spec = ReplicaSpec(deployment="lab", repository=RepositoryLocation(uri="/r"))
     text = SlurmExecutor(settings, context).preview(spec)
-    assert text.startswith("#!/bin/bash\n#SBATCH --job-name=bioengine-lab\n")
+    assert text.startswith("#!/bin/bash\n#SBATCH --job-name=lab.bioengine\n")
     assert "--reservation=imaging" in text and "bioengine_executor_slurm.launch" in text
 
 

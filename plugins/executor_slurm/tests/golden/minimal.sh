@@ -2,13 +2,13 @@
 # BioEngine: one Triton replica of deployment "lab" as a Slurm batch job.
 # Rendered from bioengine_executor_slurm/templates/job.sh.j2;
 # `bioengine slurm script --config FILE` prints it.
-#SBATCH --job-name=bioengine-lab
+#SBATCH --job-name=lab.bioengine
 #SBATCH --comment=bioengine:bioengine.deployment=lab
 #SBATCH --output=/shared/bioengine/state/logs/%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
-#SBATCH --cpus-per-task=4
+#SBATCH --cpus-per-task=2
 #SBATCH --time=24:00:00
 #SBATCH --no-requeue
 
