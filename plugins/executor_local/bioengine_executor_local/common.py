@@ -64,3 +64,18 @@ def tail_file(path: Path, lines: int) -> str:
         return ""
     text = data.decode(errors="replace")
     return "\n".join(text.splitlines()[-lines:]) if lines > 0 else ""
+
+
+def replica_ports(settings: object, exclude: list[int]) -> list[int]:
+    """Three free ports (HTTP, gRPC, metrics) on the settings' address, from `port_range` when
+    one is set; ExecutorError naming the setting when the range has too few."""
+    from bioengine_core.errors import ExecutorError
+    from bioengine_core.util import free_ports
+
+    within = settings.ports_within()  # type: ignore[attr-defined]
+    try:
+        return free_ports(settings.address, 3, exclude=exclude, within=within)  # type: ignore[attr-defined]
+    except OSError as exc:
+        if within is None:
+            raise ExecutorError(f"no free ports on {settings.address}: {exc}") from exc  # type: ignore[attr-defined]
+        raise ExecutorError(f"[executor] port_range = {settings.port_range!r}: {exc}") from exc  # type: ignore[attr-defined]

@@ -28,7 +28,7 @@ from bioengine_core.contracts import (
 )
 from bioengine_core.errors import CommandError, ExecutorError
 from bioengine_core.triton import TritonInstall, is_ready, triton_args
-from bioengine_core.util import DEPLOYMENT_LABEL, REPLICA_LABEL, connect_host, free_ports
+from bioengine_core.util import DEPLOYMENT_LABEL, REPLICA_LABEL, connect_host
 
 from .common import (
     CONTAINER_CLIENT_ALLOW,
@@ -36,6 +36,7 @@ from .common import (
     is_secret_name,
     new_replica_id,
     replica_labels,
+    replica_ports,
     tail_file,
 )
 from .settings import LocalExecutorSettings
@@ -210,7 +211,7 @@ class ContainerExecutor(Executor):
         replica_id = new_replica_id(spec.deployment)
         with self._lock:  # not yet published by a container that is still being created
             pending = [p for r in self._launching.values() for p in r["ports"].values()]
-        http, grpc, metrics = free_ports(self.settings.address, 3, exclude=pending)
+        http, grpc, metrics = replica_ports(self.settings, pending)
         ports = {"http": http, "grpc": grpc, "metrics": metrics}
         argv, env = container_run_command(self.settings, spec, replica_id, ports)
         self.log_path(replica_id).write_text(f"# bioengine: {shlex.join(argv)}\n")

@@ -31,7 +31,7 @@ from bioengine_core.contracts import (
 )
 from bioengine_core.errors import ExecutorError
 from bioengine_core.triton import TritonInstall, find_triton, is_ready, triton_args
-from bioengine_core.util import DEPLOYMENT_LABEL, connect_host, free_ports, read_json, write_json
+from bioengine_core.util import DEPLOYMENT_LABEL, connect_host, read_json, write_json
 
 from .common import (
     APPTAINER_CLIENT_ALLOW,
@@ -39,6 +39,7 @@ from .common import (
     is_secret_name,
     new_replica_id,
     replica_labels,
+    replica_ports,
     tail_file,
 )
 from .settings import LocalExecutorSettings
@@ -157,7 +158,7 @@ class ProcessExecutor(Executor):
         with self._lock:
             replica_id = new_replica_id(spec.deployment)
             used = [p for m in self._all_meta() for p in m.get("ports", {}).values()]
-            http, grpc, metrics = free_ports(self.settings.address, 3, exclude=used)
+            http, grpc, metrics = replica_ports(self.settings, used)
             ports = {"http": http, "grpc": grpc, "metrics": metrics}
             argv, extra_env = self.command(spec, ports)
             proc = self._launch(replica_id, argv, extra_env)

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from bioengine_core.contracts import BackendSettings
+from bioengine_core.util import parse_port_range
 
 _GPUS = re.compile(r"^(all|\d+(,\d+)*)$")
 
@@ -75,6 +76,11 @@ class LocalExecutorSettings(BackendSettings):
         description="Host address replicas listen on (process mode) or publish their ports on "
         "(container mode). Keep 127.0.0.1 unless other hosts must reach replicas directly.",
     )
+    port_range: str | None = Field(
+        None,
+        description="Ports replicas may use, e.g. `9100-9199` (each takes the lowest three free "
+        "ones for HTTP, gRPC and metrics); default: any free port.",
+    )
     start_timeout: float = Field(
         600.0,
         gt=0,
@@ -102,6 +108,17 @@ class LocalExecutorSettings(BackendSettings):
         given = any(a.startswith("--exit-timeout-secs") for a in self.triton_args)
         own = [] if given else [f"--exit-timeout-secs={self.exit_timeout}"]
         return own + list(self.triton_args)
+
+    @field_validator("port_range")
+    @classmethod
+    def _port_range(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_port_range(value)
+        return value
+
+    def ports_within(self) -> range | None:
+        """The configured port range, or None for any free port."""
+        return parse_port_range(self.port_range) if self.port_range else None
 
     @field_validator("gpus")
     @classmethod
