@@ -5,6 +5,7 @@ from __future__ import annotations
 from bioengine_core.contracts import BackendContext, Gateway, GatewayType
 from bioengine_core.hookspecs import hookimpl
 
+from .preflight import preflight
 from .settings import HyphaGatewaySettings
 
 
@@ -24,5 +25,6 @@ def bioengine_register_gateways() -> list[GatewayType]:
             settings=HyphaGatewaySettings,
             factory=make_gateway,
             description="the service on a Hypha server: embedded (all-in-one) or remote (proxy)",
+            preflight=preflight,
         )
     ]

@@ -45,7 +45,14 @@ def test_config_check_shows_no_token(tmp_path, monkeypatch):
     assert "SITE_HYPHA_TOKEN" in dumped and "my-lab" in dumped
     assert SECRET not in dumped
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "bioengine"), "config", "check", "--config", str(path)],
+        [
+            str(Path(sys.executable).parent / "bioengine"),
+            "config",
+            "check",
+            "--offline",  # hypha.example.org is not reachable here; preflight is tested apart
+            "--config",
+            str(path),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
