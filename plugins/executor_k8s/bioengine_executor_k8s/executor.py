@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 from datetime import datetime
 from functools import cached_property
@@ -48,38 +49,144 @@ _STUCK = {
     "CrashLoopBackOff",
     "RunContainerError",
 }
+# What the operator changes when a pod is stuck for one of these reasons.
+_FIXES = {
+    "ErrImagePull": "check [executor] image and image_pull_secrets",
+    "ImagePullBackOff": "check [executor] image and image_pull_secrets",
+    "InvalidImageName": "fix [executor] image",
+    "CreateContainerConfigError": "check that the Secrets named by [executor] "
+    "env_from_secrets / repository_secret exist in the namespace",
+    "Unschedulable": "check [executor] gpus, cpu_request, memory_request, node_selector and "
+    "tolerations against the cluster's nodes",
+}
 
 
-def make_api_client(settings: K8sSettings, context: BackendContext | None = None) -> k8s.ApiClient:
-    """An ApiClient from the settings: in-cluster credentials or a kubeconfig file."""
-    in_cluster = settings.in_cluster
-    if in_cluster is None:
-        in_cluster = settings.kubeconfig is None and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+def uses_in_cluster(settings: K8sSettings) -> bool:
+    """Whether the client takes the pod's service-account credentials (see `in_cluster`)."""
+    if settings.in_cluster is not None:
+        return settings.in_cluster
+    return settings.kubeconfig is None and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+def credentials_label(settings: K8sSettings) -> str:
+    """How error messages name the credentials in use (kubeconfig file and context)."""
+    if uses_in_cluster(settings):
+        return "the pod's service account"
+    where = f"kubeconfig {settings.kubeconfig}" if settings.kubeconfig else "the default kubeconfig"
+    return where + (f" (context {settings.context})" if settings.context else "")
+
+
+def make_api_client(
+    settings: K8sSettings, context: BackendContext | None = None, *, retries: int | None = None
+) -> k8s.ApiClient:
+    """An ApiClient from the settings: in-cluster credentials or a kubeconfig file.
+
+    `retries` limits urllib3's connection retries (preflight uses 0 to answer quickly)."""
+    in_cluster = uses_in_cluster(settings)
+    cfg = k8s.Configuration()
     try:
         if in_cluster:
-            cfg = k8s.Configuration()
             k8s_config.load_incluster_config(client_configuration=cfg)
-            return k8s.ApiClient(cfg)
-        path = None
-        if settings.kubeconfig:
-            path = str(
-                context.resolve_path(settings.kubeconfig) if context else settings.kubeconfig
+        else:
+            path = None
+            if settings.kubeconfig:
+                path = str(
+                    context.resolve_path(settings.kubeconfig) if context else settings.kubeconfig
+                )
+            k8s_config.load_kube_config(
+                config_file=path, context=settings.context, client_configuration=cfg
             )
-        return k8s_config.new_client_from_config(config_file=path, context=settings.context)
-    except (k8s_config.ConfigException, OSError) as exc:
+    except (k8s_config.ConfigException, OSError, ValueError, TypeError, KeyError) as exc:
         where = "in-cluster credentials" if in_cluster else (settings.kubeconfig or "kubeconfig")
-        raise ExecutorError(f"cannot configure the Kubernetes client from {where}: {exc}") from exc
+        fix = (
+            "run in a pod with a service account or set [executor] kubeconfig"
+            if in_cluster
+            else "fix [executor] kubeconfig / context"
+        )
+        raise ExecutorError(
+            f"cannot configure the Kubernetes client from {where}: {_one_line(exc)}: {fix}"
+        ) from exc
+    if retries is not None:
+        cfg.retries = retries
+    return k8s.ApiClient(cfg)
 
 
-def _api_error(action: str, exc: Exception) -> ExecutorError:
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost useful reason of a connection failure (urllib3 wraps them twice)."""
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, BaseException):
+        exc = reason
+    text = _one_line(exc)
+    # urllib3: "<urllib3.connection.HTTPConnection object at 0x...>: Failed to establish ..."
+    if ">: " in text:
+        text = text.split(">: ", 1)[1]
+    return text or type(exc).__name__
+
+
+def _is_tls(exc: BaseException) -> bool:
+    import ssl
+
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLError | urllib3.exceptions.SSLError):
+            return True
+        seen = getattr(seen, "reason", None) or seen.__cause__ or seen.__context__
+    return False
+
+
+def _api_error(
+    action: str,
+    exc: Exception,
+    *,
+    settings: K8sSettings | None = None,
+    server: str | None = None,
+) -> ExecutorError:
+    """One line naming what failed, why, and which setting or command fixes it."""
+    creds = credentials_label(settings) if settings else "the configured credentials"
     if isinstance(exc, ApiException):
         detail = exc.reason or ""
         try:
             detail = json.loads(exc.body or "{}").get("message") or detail
         except (ValueError, AttributeError):
             pass
+        detail = _one_line(Exception(detail))
+        if exc.status == 401:
+            return ExecutorError(
+                f"Kubernetes API: {action} refused (401 Unauthorized): the API server does not "
+                f"accept the credentials of {creds}: renew them (a new token or certificate) "
+                "or fix [executor] kubeconfig / context"
+            )
+        if exc.status == 403:
+            return ExecutorError(
+                f"Kubernetes API: {action} forbidden (403): {detail}: grant that verb on that "
+                f"resource to the credentials of {creds} (docs/kubernetes.md has the Role the "
+                "executor needs)"
+            )
+        missing_ns = re.search(r'namespaces "([^"]+)" not found', detail)
+        if exc.status == 404 and missing_ns:
+            ns = missing_ns.group(1)
+            return ExecutorError(
+                f"Kubernetes API: {action} failed: namespace {ns} does not exist: create it "
+                f"(kubectl create namespace {ns}) or fix [executor] namespace"
+            )
         return ExecutorError(f"Kubernetes API: {action} failed ({exc.status}): {detail}")
-    return ExecutorError(f"Kubernetes API unreachable: {action}: {exc}")
+    at = f" at {server}" if server else ""
+    if _is_tls(exc):
+        return ExecutorError(
+            f"Kubernetes API unreachable{at}: {action}: TLS failed ({_reason(exc)}): check the "
+            f"cluster's certificate-authority in {creds}"
+        )
+    return ExecutorError(
+        f"Kubernetes API unreachable{at}: {action}: {_reason(exc)}: check that the cluster is up "
+        f"and the server address in {creds} (or [executor] kubeconfig / context)"
+    )
 
 
 class K8sExecutor(Executor):
@@ -144,6 +251,11 @@ class K8sExecutor(Executor):
         `ReplicaSpec.gpus` from it."""
         return list(range(self.settings.gpus))
 
+    def _error(self, action: str, exc: Exception) -> ExecutorError:
+        """`exc` from the API client as one line with the cause and the fix."""
+        server = self._client.configuration.host if self._client is not None else None
+        return _api_error(action, exc, settings=self.settings, server=server)
+
     # ------------------------------------------------------------------ applying objects
     def _call(
         self, action: str, fn: Any, *args: Any, if_absent: Any = _RAISE, **kwargs: Any
@@ -156,9 +268,9 @@ class K8sExecutor(Executor):
         except ApiException as exc:
             if exc.status == 404 and if_absent is not _RAISE:
                 return if_absent
-            raise _api_error(action, exc) from exc
+            raise self._error(action, exc) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise _api_error(action, exc) from exc
+            raise self._error(action, exc) from exc
 
     def _read(self, what: str, fn: Any, name: str) -> Any | None:
         """Read an object as a plain dict (None when absent)."""
@@ -412,10 +524,10 @@ class K8sExecutor(Executor):
             if exc.status == 404:
                 return f"(pod {self.ns}/{replica_id} not found)"
             if exc.status == 400:  # container not started yet
-                return f"(no log yet: {_api_error('logs', exc)})"
-            raise _api_error(f"logs of pod {self.ns}/{replica_id}", exc) from exc
+                return f"(no log yet: {self._error('logs', exc)})"
+            raise self._error(f"logs of pod {self.ns}/{replica_id}", exc) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise _api_error(f"logs of pod {self.ns}/{replica_id}", exc) from exc
+            raise self._error(f"logs of pod {self.ns}/{replica_id}", exc) from exc
 
     def service_url(self, spec_deployment: str) -> str | None:
         """The Service's base URL as the engine reaches it (route = service); None if unknown."""
@@ -460,6 +572,8 @@ class K8sExecutor(Executor):
             )
             if waiting["reason"] in _STUCK:
                 details["stuck"] = waiting["reason"]
+            if waiting["reason"] in _FIXES:
+                message += f" ({_FIXES[waiting['reason']]})"
         if details["restarts"] and state is not ReplicaState.READY:
             message += f" ({details['restarts']} restarts)"
         url = None
@@ -540,7 +654,10 @@ def _pod_state(
     scheduled = conditions.get("PodScheduled") or {}
     if scheduled.get("status") == "False":
         reason = scheduled.get("reason") or "Unschedulable"
-        return ReplicaState.PENDING, f"{reason}: {scheduled.get('message') or ''}".strip(": ")
+        message = f"{reason}: {scheduled.get('message') or ''}".strip(": ")
+        if reason in _FIXES:
+            message += f" ({_FIXES[reason]})"
+        return ReplicaState.PENDING, message
     return ReplicaState.PENDING, "waiting for the container"
 
 

@@ -31,8 +31,15 @@ def bioengine_register_executors() -> list[ExecutorType]:
             settings=K8sSettings,
             factory=make_executor,
             description="Triton replicas as a Kubernetes Deployment + Service (scaled by the engine)",
+            preflight=_preflight,
         )
     ]
+
+
+def _preflight(**kwargs):  # imported lazily: the kubernetes client is slow to import
+    from .preflight import preflight
+
+    return preflight(**kwargs)
 
 
 @hookimpl

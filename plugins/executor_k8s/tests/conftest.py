@@ -33,6 +33,8 @@ class EmulatedApi:
     """A kmock KubernetesEmulator served over HTTP from a background thread."""
 
     def __init__(self) -> None:
+        self.denied: set[tuple[str, str, str]] = set()
+        """(namespace, verb, resource) that access reviews answer "not allowed" (RBAC)."""
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -48,6 +50,46 @@ class EmulatedApi:
         self.server = kmock.Server(self.emulator)
         await self.server.__aenter__()
         self.url = str(self.server.url).rstrip("/")
+        # kmock answers neither Namespace reads nor access reviews as a cluster does: react to
+        # them here (namespaces exist once declared; RBAC allows all but `self.denied`)
+        self.emulator["post /apis/authorization.k8s.io/v1/selfsubjectaccessreviews"] << (
+            self._review
+        )
+        self._declare(NAMESPACE)
+
+    def _review(self, request: Any) -> dict[str, Any]:
+        # kmock stores each created object by name; reviews have none, so forget the last one
+        for (res, _, _), obj in list(self.emulator.objects.items()):
+            if res.plural == "selfsubjectaccessreviews" and not obj.deleted:
+                obj.delete()
+        attrs = request.data["spec"]["resourceAttributes"]
+        resource = attrs["resource"] + (
+            f"/{attrs['subresource']}" if attrs.get("subresource") else ""
+        )
+        allowed = (attrs.get("namespace"), attrs["verb"], resource) not in self.denied
+        return {**request.data, "status": {"allowed": allowed}}
+
+    def _declare(self, name: str) -> None:
+        body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+        self.emulator[f"get /api/v1/namespaces/{name}"] << body
+
+    def declare_namespace(self, name: str) -> None:
+        """Make `GET /api/v1/namespaces/NAME` answer as for an existing namespace."""
+
+        async def declare() -> None:
+            self._declare(name)
+
+        self._run(declare())
+
+    def answer(self, criterion: str, status: int, message: str) -> None:
+        """Answer requests matching `criterion` ("post /apis/...") with a Status error."""
+        body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": status,
+                "message": message}  # fmt: skip
+
+        async def react() -> None:
+            self.emulator[criterion] << status << body
+
+        self._run(react())
 
     async def _stop(self) -> None:
         await self.server.__aexit__(None, None, None)

@@ -293,6 +293,7 @@ def test_list_reports_pods_as_replicas(
     assert (
         pending.state is ReplicaState.PENDING and "Insufficient nvidia.com/gpu" in pending.message
     )
+    assert "check [executor] gpus, cpu_request, memory_request" in pending.message
     evicted = executor.status(f"{base}-ddd")
     assert evicted.state is ReplicaState.FAILED and "Evicted" in evicted.message
 
@@ -325,6 +326,7 @@ def test_status_explains_a_stuck_container(executor: K8sExecutor, spec: ReplicaS
     status = executor.status(f"{base}-pull")
     assert status.state is ReplicaState.PENDING
     assert status.message.startswith("ImagePullBackOff")
+    assert "(check [executor] image and image_pull_secrets)" in status.message
     assert status.details["stuck"] == "ImagePullBackOff"
 
 

@@ -205,3 +205,12 @@ def test_one_off_pod_from_start(real_executor: K8sExecutor, deployment_name: str
         120,
         "the one-off pod gone",
     )
+
+
+def test_preflight_passes_against_the_real_cluster(tmp_path: Path) -> None:
+    """The API answers, the namespace exists and every permission the executor uses is granted
+    (the suite's namespace must carry the Role of docs/kubernetes.md)."""
+    from bioengine_executor_k8s.preflight import preflight
+
+    context = _context("preflight", tmp_path)
+    assert preflight(settings=real_settings(), context=context, offline=False) == []
