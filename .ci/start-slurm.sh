@@ -3,7 +3,16 @@
 # Idempotent: installs the Debian packages if missing, (re)writes slurm.conf, starts only the
 # daemons that are not running, and waits until `sinfo` shows the node idle (or mixed/allocated).
 # Needs root. Stop everything with .ci/stop-slurm.sh.
+#
+# Ports (environment variables; the defaults are Slurm's own, which the client tools then use
+# through /etc/slurm/slurm.conf):
+#   SLURMCTLD_PORT  slurmctld's port (SlurmctldPort), default 6817
+#   SLURMD_PORT     slurmd's port (SlurmdPort), default 6818
+# Changing one rewrites slurm.conf and restarts the daemon on the new port.
 set -eu
+
+SLURMCTLD_PORT=${SLURMCTLD_PORT:-6817}
+SLURMD_PORT=${SLURMD_PORT:-6818}
 
 CONF_DIR=/etc/slurm
 CONF="$CONF_DIR/slurm.conf"
@@ -26,11 +35,13 @@ mkdir -p "$CONF_DIR" "$LOG_DIR" "$SPOOL/slurmctld" "$SPOOL/slurmd" /run/munge /v
 # proctrack/linuxproc + task/none need none.
 # The partition allows up to 4 jobs to share a CPU: the node has 2 CPUs, and tests run two
 # replicas plus a successor (or a foreign job) at the same time.
-cat >"$CONF.tmp" <<'EOF'
+cat >"$CONF.tmp" <<EOF
 # Written by .ci/start-slurm.sh: a single-node test cluster.
 ClusterName=bioengine-ci
 SlurmctldHost=localhost
 SlurmctldAddr=127.0.0.1
+SlurmctldPort=$SLURMCTLD_PORT
+SlurmdPort=$SLURMD_PORT
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -75,8 +86,17 @@ if ! running munged; then
     su -s /bin/sh munge -c /usr/sbin/munged
 fi
 
+# A port change needs a restart (scontrol reconfigure keeps the listening sockets).
+listening() { ss -ltnH "sport = :$1" 2>/dev/null | grep -q .; }
 if [ "$changed" = 1 ] && running slurmctld; then
-    scontrol reconfigure || true
+    if listening "$SLURMCTLD_PORT" && listening "$SLURMD_PORT"; then
+        scontrol reconfigure || true
+    else
+        for pidfile in /run/slurmd.pid /run/slurmctld.pid; do
+            [ -s "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+        done
+        sleep 2
+    fi
 fi
 if ! running slurmctld; then
     /usr/sbin/slurmctld -i

@@ -1,7 +1,8 @@
 """The SLURM executor: each Triton replica is one batch job; its id is the Slurm job id.
 
-A job is marked as ours by its name (`DEPLOYMENT.bioengine`), its comment and its user; that is how
-a restarted `serve` adopts running jobs, and why stop never touches anybody else's job. The job
+A job is marked as ours by its name (`SHORT.N`: the deployment's short form and the replica's
+slot), its comment (`bioengine:bioengine.deployment=DEPLOYMENT,...`) and its user; that is how a
+restarted `serve` adopts running jobs, and why stop never touches anybody else's job. The job
 runs `python -m bioengine_executor_slurm.launch`, which publishes `host:port` in a shared
 endpoint directory once Triton answers ready. One squeue answer (reused for `poll_interval`
 seconds) serves the status of every replica.
@@ -28,11 +29,13 @@ from bioengine_core.util import DEPLOYMENT_LABEL, read_json
 
 from .script import (
     ScriptPaths,
-    deployment_of,
+    comment_deployment,
     job_name,
+    names_deployment,
     parse_comment,
     render_script,
     replica_env,
+    slot_of,
 )
 from .settings import SlurmSettings
 from .slurm import Job, SlurmCLI, sbatch_hint
@@ -66,7 +69,8 @@ class SlurmExecutor(Executor):
         self._snapshot: dict[str, Job] = {}
         self._snapshot_at = 0.0
         self._known: set[str] = set()  # jobs this instance started or adopted
-        self._names = {job_name(settings, context.deployment)}
+        self._submit_lock = threading.Lock()  # one slot choice + sbatch at a time
+        self._deployments = {context.deployment}
         self._fit: str | None = None
         self._last_labels: dict[str, dict[str, str]] = {}  # for answers while Slurm is away
         self._pruned = False
@@ -96,10 +100,29 @@ class SlurmExecutor(Executor):
             job = self.cli.sacct(job_id)
         return job
 
+    def _of(self, job: Job, deployment: str) -> bool:
+        """Whether `job` is a replica of `deployment`: its name and its comment say so (the
+        legacy `PREFIX-DEPLOYMENT` names: the name alone)."""
+        if not names_deployment(self.settings, deployment, job.name):
+            return False
+        return bool(self.settings.job_name_prefix) or comment_deployment(job.comment) == deployment
+
     def _ours(self, job: Job) -> bool:
-        return (job.name in self._names or job.job_id in self._known) and (
-            not job.user or not self.cli.user or job.user == self.cli.user
-        )
+        mine = job.job_id in self._known or any(self._of(job, d) for d in self._deployments)
+        return mine and (not job.user or not self.cli.user or job.user == self.cli.user)
+
+    def next_slot(self, deployment: str) -> int:
+        """The lowest replica slot (1, 2, ...) no alive job of `deployment` uses: the N of the
+        next job's name `SHORT.N`."""
+        used = {
+            slot_of(job.name)
+            for job in self._jobs(0.0).values()
+            if job.alive and self._of(job, deployment)
+        }
+        slot = 1
+        while slot in used:
+            slot += 1
+        return slot
 
     # ------------------------------------------------------------------ state files
     def _endpoint(self, job_id: str) -> dict[str, Any] | None:
@@ -124,33 +147,38 @@ class SlurmExecutor(Executor):
         return found[0] if found else None
 
     # ------------------------------------------------------------------ Executor API
-    def preview(self, spec: ReplicaSpec) -> str:
-        """The batch script `start(spec)` submits."""
-        return render_script(self.settings, spec, self.paths, template_path=self.template_path)
+    def preview(self, spec: ReplicaSpec, *, slot: int = 1) -> str:
+        """The batch script `start(spec)` submits as replica `slot` (`next_slot()` says which
+        slot the next start takes)."""
+        return render_script(
+            self.settings, spec, self.paths, template_path=self.template_path, slot=slot
+        )
 
     def start(self, spec: ReplicaSpec) -> ReplicaStatus:
-        """Submit one replica job with `sbatch --parsable`; returns PENDING at once."""
+        """Submit one replica job with `sbatch --parsable`; returns PENDING at once.
+
+        A submission Slurm refuses is an ExecutorError of one line: Slurm's reason and which
+        `[executor]` key to change, to what the partition's nodes have (`config check`'s words).
+        """
         self.paths.ensure()
         if not self._pruned:
             self._pruned = True
             self.paths.prune()
-        script = self.preview(spec)
         env = replica_env(self.settings, spec)
-        try:
-            job_id = self.cli.submit(script, env=env, allow=tuple(self.settings.pass_env))
-        except CommandError as exc:
-            hint = sbatch_hint(exc.stderr)
-            detail = (exc.stderr or exc.stdout).strip()
-            raise ExecutorError(
-                f"sbatch rejected the replica job: {detail}" + (f"\nhint: {hint}" if hint else "")
-            ) from exc
-        name = job_name(self.settings, spec.deployment)
-        self._names.add(name)
+        self._deployments.add(spec.deployment)
+        with self._submit_lock:
+            slot = self.next_slot(spec.deployment)
+            script = self.preview(spec, slot=slot)
+            try:
+                job_id = self.cli.submit(script, env=env, allow=tuple(self.settings.pass_env))
+            except CommandError as exc:
+                raise ExecutorError(self._rejected(exc)) from exc
+            self._invalidate()
+        name = job_name(self.settings, spec.deployment, slot)
         self._known.add(job_id)
         scripts = self.paths.state_dir / "scripts"
         scripts.mkdir(parents=True, exist_ok=True)
         (scripts / f"{job_id}.sh").write_text(script)
-        self._invalidate()
         log.info("submitted Slurm job %s (%s)", job_id, name)
         return ReplicaStatus(
             replica_id=job_id,
@@ -159,6 +187,18 @@ class SlurmExecutor(Executor):
             labels=self._labels(spec.deployment, job_id, spec.labels),
             details=self._details(job_id, name),
         )
+
+    def _rejected(self, exc: CommandError) -> str:
+        """One line for a refused submission: Slurm's reason, then what to change."""
+        lines = [line.strip() for line in (exc.stderr or exc.stdout or "").splitlines()]
+        lines = [line.removeprefix("sbatch: error:").strip() for line in lines if line]
+        reason = next(
+            (line.split("failed:", 1)[1].strip() for line in lines if "failed:" in line),
+            lines[-1] if lines else f"exit code {exc.returncode}",
+        )
+        fit = self._what_to_change()
+        advice = fit or sbatch_hint(exc.stderr or "") or "see the sbatch options in [executor]"
+        return f"sbatch rejected the replica job ({reason}): {advice}"
 
     def status(self, replica_id: str) -> ReplicaStatus:
         """PENDING (with Slurm's reason), STARTING, READY, FAILED (with why), STOPPED.
@@ -234,8 +274,9 @@ class SlurmExecutor(Executor):
             return self._running(job, exit_info)
         if job.state == "PENDING":
             message, can_wait = pending_message(job.reason)
-            if not can_wait:
-                message += self._what_to_change()
+            fit = "" if can_wait else self._what_to_change()
+            if fit:  # what to change first, Slurm's words after
+                message = f"{fit} (Slurm job {job.job_id}: {message})"
             status = self._status(job, ReplicaState.PENDING, message)
             status.unsatisfiable = not can_wait
             return status
@@ -246,7 +287,7 @@ class SlurmExecutor(Executor):
 
     def _what_to_change(self) -> str:
         """For a job that can never start: which [executor] keys exceed the partition (what
-        `config check` says), asked once per executor."""
+        `config check` says; '' when it finds nothing), asked once per executor."""
         if self._fit is None:
             from .preflight import preflight
 
@@ -256,7 +297,7 @@ class SlurmExecutor(Executor):
                 )
             except Exception:  # advice only: the job's own reason is already in the message
                 self._fit = ""
-        return f" — {self._fit}" if self._fit else ""
+        return self._fit
 
     def _gone(self, job_id: str, exit_info: dict[str, Any] | None) -> ReplicaStatus:
         """A job Slurm no longer knows: STOPPED if we stopped it (or never had it), else FAILED."""
@@ -307,7 +348,7 @@ class SlurmExecutor(Executor):
     def _status(
         self, job: Job, state: ReplicaState, message: str, endpoint: dict[str, Any] | None = None
     ) -> ReplicaStatus:
-        deployment = deployment_of(self.settings, job.name)
+        deployment = comment_deployment(job.comment) or self.context.deployment
         labels = self._labels(deployment, job.job_id, parse_comment(job.comment))
         self._last_labels[job.job_id] = labels
         return ReplicaStatus(
@@ -391,13 +432,13 @@ class SlurmExecutor(Executor):
         return "\n".join(lines[-tail:]) + ("\n" if lines else "")
 
     def list(self, deployment: str) -> list[ReplicaStatus]:
-        """Alive jobs named for `deployment` of this user (adoption after a restart)."""
-        name = job_name(self.settings, deployment)
-        self._names.add(name)
+        """Alive jobs of `deployment` (by name and comment) of this user (adoption after a
+        restart)."""
+        self._deployments.add(deployment)
         jobs = self._jobs(0.0)
         found = []
         for job in sorted(jobs.values(), key=lambda j: int(j.job_id) if j.job_id.isdigit() else 0):
-            if job.name != name or not job.alive or self._stopped(job.job_id):
+            if not self._of(job, deployment) or not job.alive or self._stopped(job.job_id):
                 continue
             if self.cli.user and job.user and job.user != self.cli.user:
                 continue

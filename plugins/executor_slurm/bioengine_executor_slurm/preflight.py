@@ -108,6 +108,8 @@ def _limits(
                 f"{gpus or 'no'} GPU(s) (Gres): set [executor] gpus <= {gpus} or choose a "
                 "GPU partition"
             )
+    problems += _allowed(settings.account, "account", "Accounts", name, part)
+    problems += _allowed(settings.qos, "qos", "Qos", name, part)
     max_time = part.get("MaxTime", "UNLIMITED")
     wanted, allowed = parse_duration(settings.time_limit), parse_duration(max_time)
     if max_time != "UNLIMITED" and wanted and allowed and wanted > allowed:
@@ -116,6 +118,26 @@ def _limits(
             f"{name!r}: set [executor] time_limit <= {max_time}"
         )
     return problems
+
+
+def _allowed(value: str | None, key: str, field: str, name: str, part: dict[str, str]) -> list[str]:
+    """`account`/`qos` against the partition's AllowAccounts/DenyAccounts (AllowQos/DenyQos)."""
+    if not value:
+        return []
+    allow = part.get(f"Allow{field}", "ALL")
+    deny = part.get(f"Deny{field}", "")
+    allowed = [a for a in allow.split(",") if a]
+    if allow != "ALL" and value not in allowed:
+        return [
+            f"{key} = {value!r} may not use partition {name!r} (Allow{field}={allow}): set "
+            f"[executor] {key} to one of {', '.join(allowed)} or choose another partition"
+        ]
+    if value in deny.split(","):
+        return [
+            f"{key} = {value!r} may not use partition {name!r} (Deny{field}={deny}): change "
+            f"[executor] {key} or partition"
+        ]
+    return []
 
 
 __all__ = ["megabytes", "preflight", "records"]

@@ -72,19 +72,42 @@ class ScriptPaths:
         return removed
 
 
-def job_name(settings: SlurmSettings, deployment: str) -> str:
-    """The job name that marks a job as a replica of `deployment` (deployment first, so that
-    squeue's 8-character name column tells deployments apart)."""
+SHORT_NAME_LENGTH = 5
+"""Characters of the deployment in a job name: SHORT.N fits squeue's 8-character name column
+for slots up to 99."""
+
+
+def short_name(settings: SlurmSettings, deployment: str) -> str:
+    """The deployment's short form in job names: `[executor] job_name`, or its first characters."""
+    return settings.job_name or deployment[:SHORT_NAME_LENGTH]
+
+
+def job_name(settings: SlurmSettings, deployment: str, slot: int = 1) -> str:
+    """The name of replica `slot` of `deployment`: `SHORT.N` (`bioen.1`, `imagi.2`), which plain
+    `squeue` shows whole; the legacy `PREFIX-DEPLOYMENT` when `job_name_prefix` is set."""
     if settings.job_name_prefix:
         return f"{settings.job_name_prefix}-{deployment}"
-    return f"{deployment}.{settings.job_name_suffix}"
+    return f"{short_name(settings, deployment)}.{slot}"
 
 
-def deployment_of(settings: SlurmSettings, name: str) -> str:
-    """The deployment a job name of ours stands for (inverse of `job_name`)."""
+def slot_of(name: str) -> int | None:
+    """The replica slot in a job name `SHORT.N`; None for another name."""
+    head, sep, tail = name.rpartition(".")
+    return int(tail) if sep and head and tail.isdigit() else None
+
+
+def names_deployment(settings: SlurmSettings, deployment: str, name: str) -> bool:
+    """Whether `name` is a job name of `deployment`'s replicas (any slot)."""
     if settings.job_name_prefix:
-        return name.removeprefix(f"{settings.job_name_prefix}-")
-    return name.removesuffix(f".{settings.job_name_suffix}")
+        return name == f"{settings.job_name_prefix}-{deployment}"
+    head, sep, tail = name.rpartition(".")
+    return bool(sep) and tail.isdigit() and head == short_name(settings, deployment)
+
+
+def comment_deployment(comment: str) -> str | None:
+    """The deployment a job comment written by `job_comment` names; None if it is not ours."""
+    labels = parse_comment(comment)
+    return labels.get(DEPLOYMENT_LABEL) if labels else None
 
 
 def job_comment(deployment: str, labels: dict[str, str] | None = None) -> str:
@@ -200,8 +223,9 @@ def render_script(
     paths: ScriptPaths,
     *,
     template_path: Path | None = None,
+    slot: int = 1,
 ) -> str:
-    """The complete batch script that `start(spec)` submits."""
+    """The complete batch script that `start(spec)` submits as replica `slot`."""
     env, text, label = _environment(template_path)
     gpus = spec.gpus or settings.gpus
     extra = [line.removeprefix("#SBATCH").strip() for line in settings.extra_sbatch]
@@ -211,7 +235,8 @@ def render_script(
             s=settings,
             spec=spec,
             deployment=spec.deployment,
-            job_name=job_name(settings, spec.deployment),
+            job_name=job_name(settings, spec.deployment, slot),
+            slot=slot,
             comment=job_comment(spec.deployment, spec.labels),
             output=paths.logs / "%x-%j.out",
             gpus=gpus,

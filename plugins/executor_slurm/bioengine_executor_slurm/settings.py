@@ -132,18 +132,20 @@ class SlurmSettings(BackendSettings):
         description="Your own batch-script template (Jinja2); default: the one shipped with the "
         "plugin (`bioengine slurm template` prints it).",
     )
-    job_name_suffix: str = Field(
-        "bioengine",
-        pattern=r"^[A-Za-z0-9_-]+$",
-        description="Jobs are named DEPLOYMENT.SUFFIX: the deployment comes first so plain "
-        "`squeue` (8-character name column) tells deployments apart; the name is how "
-        "restarts adopt jobs.",
+    job_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_-]{1,5}$",
+        description="Short name of this deployment's jobs (1-5 characters; default: the first 5 "
+        "characters of [engine] name). Jobs are named SHORT.N (N: the replica's slot, 1, 2, ...) "
+        "so plain `squeue`'s 8-character name column tells deployments and replicas apart; the "
+        "full deployment name is in the job's comment.",
     )
     job_name_prefix: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="Deprecated: name jobs PREFIX-DEPLOYMENT as releases before 0.2 did (set it "
-        "to 'bioengine' while jobs started by such a release still run, so they are adopted).",
+        "to 'bioengine' while jobs started by such a release still run, so they are adopted); "
+        "overrides `job_name`.",
     )
     ready_timeout: float = Field(
         600.0, gt=0, description="Seconds a started job may take for Triton to answer ready."

@@ -74,17 +74,24 @@ def translate(slurm_state: str) -> Translation:
 # Pending reasons that will not clear by waiting: the request itself does not fit.
 UNSATISFIABLE_REASONS = {
     "PartitionConfig": "the job asks for more than the partition's nodes offer "
-    "(e.g. more CPUs or memory than a node has)",
-    "BadConstraints": "no node satisfies the job's constraints (CPUs, memory, features)",
+    "(check [executor] cpus, memory, gpus, time_limit against the partition)",
+    "BadConstraints": "no node satisfies the job's constraints "
+    "(check [executor] cpus, memory, gpus, constraint)",
     "PartitionNodeLimit": "the job asks for more nodes than the partition allows",
-    "PartitionTimeLimit": "the job's time limit exceeds the partition's maximum",
-    "InvalidAccount": "the account is not valid",
-    "InvalidQOS": "the QOS is not valid",
-    "QOSMaxCpuPerJobLimit": "the job asks for more CPUs than its QOS allows",
-    "QOSMaxGRESPerJob": "the job asks for more GPUs than its QOS allows",
-    "QOSMaxWallDurationPerJobLimit": "the job's time limit exceeds its QOS's maximum",
-    "AccountNotAllowed": "the account may not use this partition",
-    "QOSNotAllowed": "the QOS may not be used on this partition",
+    "PartitionTimeLimit": "the job's time limit exceeds the partition's maximum "
+    "(lower [executor] time_limit)",
+    "InvalidAccount": "the account is not valid (check [executor] account)",
+    "InvalidQOS": "the QOS is not valid (check [executor] qos)",
+    "QOSMaxCpuPerJobLimit": "the job asks for more CPUs than its QOS allows "
+    "(lower [executor] cpus or change qos)",
+    "QOSMaxGRESPerJob": "the job asks for more GPUs than its QOS allows "
+    "(lower [executor] gpus or change qos)",
+    "QOSMaxWallDurationPerJobLimit": "the job's time limit exceeds its QOS's maximum "
+    "(lower [executor] time_limit or change qos)",
+    "AccountNotAllowed": "the account may not use this partition "
+    "(check [executor] account and partition)",
+    "QOSNotAllowed": "the QOS may not be used on this partition "
+    "(check [executor] qos and partition)",
     "ReqNodeNotAvail": "a required node is not available (down, drained or reserved)",
     "PartitionDown": "the partition is down",
     "PartitionInactive": "the partition is inactive",

@@ -44,10 +44,30 @@ def slurm_cluster() -> None:
     require_service(slurm_works(), "a SLURM cluster (run .ci/start-slurm.sh)")
 
 
-def scancel_names(*names: str) -> None:
-    """Cancel every job with one of these names (test cleanup)."""
-    for name in names:
-        subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=30)
+def deployment_jobs(deployment: str) -> dict[str, tuple[str, str]]:
+    """Job id -> (name, state) of the jobs squeue lists for `deployment` (by the job comment
+    that names it: job names hold only its first characters)."""
+    run = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-o", "%i|%j|%T|%k"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    found = {}
+    for line in run.stdout.splitlines():
+        job_id, name, state, comment = line.split("|", 3)
+        labels = comment.removeprefix("bioengine:").split(",")
+        if comment.startswith("bioengine:") and f"bioengine.deployment={deployment}" in labels:
+            found[job_id] = (name, state)
+    return found
+
+
+def scancel_deployments(*deployments: str) -> None:
+    """Cancel every job of these deployments (test cleanup)."""
+    for deployment in deployments:
+        ids = list(deployment_jobs(deployment))
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
 
 
 @pytest.fixture
@@ -72,12 +92,18 @@ def foreign_job(tmp_path: Path) -> Iterator[Callable[..., str]]:
         subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
 
 
+@pytest.fixture(name="deployment_jobs")
+def deployment_jobs_fixture() -> Callable[[str], dict[str, tuple[str, str]]]:
+    """`deployment_jobs(name)`: job id -> (job name, state) of that deployment's jobs."""
+    return deployment_jobs
+
+
 @pytest.fixture
 def deployment() -> Iterator[str]:
     """A deployment name no other test (or helper) uses; its jobs are cancelled afterwards."""
     name = f"t{uuid.uuid4().hex[:8]}"
     yield name
-    scancel_names(f"{name}.bioengine", f"{name}-other.bioengine")
+    scancel_deployments(name, f"{name}-other")
 
 
 @pytest.fixture

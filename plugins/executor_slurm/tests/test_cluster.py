@@ -57,6 +57,12 @@ def test_two_replicas_ready_then_outside_scancel_is_failed_with_reason(make_exec
     ready_a = wait_for(executor, a.replica_id, {ReplicaState.READY})
     ready_b = wait_for(executor, b.replica_id, {ReplicaState.READY})
     assert ready_a.url != ready_b.url and is_ready(ready_a.url) and is_ready(ready_b.url)
+    # Named SHORT.slot: squeue's 8-character name column tells the two replicas apart.
+    short = spec.deployment[:5]
+    assert [ready_a.details["job_name"], ready_b.details["job_name"]] == [
+        f"{short}.1",
+        f"{short}.2",
+    ]
     # The job's time limit (10 min) is reported so the engine can start a successor in time.
     assert ready_a.expires_at == pytest.approx(ready_a.started_at + 600, abs=2)
     assert ready_a.details["slurm_state"] == "RUNNING" and ready_a.details["node"]
@@ -88,7 +94,9 @@ def test_two_replicas_ready_then_outside_scancel_is_failed_with_reason(make_exec
     assert wait_for(executor, b.replica_id, {ReplicaState.STOPPED}, 30).state
 
 
-def test_restarted_executor_adopts_jobs_without_duplicates(make_executor, spec, context):
+def test_restarted_executor_adopts_jobs_without_duplicates(
+    make_executor, spec, context, deployment_jobs
+):
     """A second executor instance (text squeue) adopts the running job: same URL, no new job."""
     first = make_executor()
     job = first.start(spec)
@@ -100,13 +108,8 @@ def test_restarted_executor_adopts_jobs_without_duplicates(make_executor, spec, 
     assert [s.replica_id for s in adopted] == [job.replica_id]
     assert adopted[0].state is ReplicaState.READY and adopted[0].url == url
     assert adopted[0].labels["bioengine.deployment"] == spec.deployment
-    names = subprocess.run(
-        ["squeue", "-h", "-o", "%j", f"--name={spec.deployment}.bioengine"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    assert len(names) == 1, f"expected exactly one job of the deployment, squeue has {names}"
+    jobs = deployment_jobs(spec.deployment)
+    assert list(jobs) == [job.replica_id], f"expected exactly one job of the deployment: {jobs}"
     second.stop(job.replica_id, grace=5)
     assert wait_for(second, job.replica_id, {ReplicaState.STOPPED}, 30).message.startswith(
         "stopped"
@@ -115,11 +118,18 @@ def test_restarted_executor_adopts_jobs_without_duplicates(make_executor, spec, 
 
 
 def test_stop_cancels_only_our_jobs(make_executor, spec, foreign_job):
-    """Stopping every replica leaves a foreign job (same user, other name) running."""
+    """Stopping every replica leaves a foreign job (same user, other name) running, and a job
+    of another deployment whose name looks the same (same first 5 characters, same slot)."""
     foreign = foreign_job("someone-elses-analysis", "-c", "1")
+    lookalike = foreign_job(
+        f"{spec.deployment[:5]}.1", f"--comment=bioengine:bioengine.deployment={spec.deployment}x"
+    )
     executor = make_executor()
     ours = executor.start(spec)
-    wait_for(executor, ours.replica_id, {ReplicaState.READY})
+    ready = wait_for(executor, ours.replica_id, {ReplicaState.READY})
+    assert ready.details["job_name"] == f"{spec.deployment[:5]}.1"  # per deployment slots
+    assert [s.replica_id for s in executor.list(spec.deployment)] == [ours.replica_id]
+    executor.stop(lookalike, grace=1)
     # Refuses to touch a job that is not ours, even when asked by id.
     executor.stop(foreign, grace=1)
     assert executor.status(foreign).state is ReplicaState.STOPPED  # "not ours" reads as gone
@@ -127,6 +137,7 @@ def test_stop_cancels_only_our_jobs(make_executor, spec, foreign_job):
         executor.stop(status.replica_id, grace=5)
     assert squeue_state(ours.replica_id) in ("CANCELLED", "COMPLETING", "")
     assert squeue_state(foreign) in ("RUNNING", "PENDING")
+    assert squeue_state(lookalike) in ("RUNNING", "PENDING")
     assert executor.list(spec.deployment) == []
 
 
@@ -136,7 +147,8 @@ def test_job_requesting_more_cpus_than_any_node_reports_slurms_reason(make_execu
     try:
         status = executor.start(spec)
     except ExecutorError as exc:  # some Slurm configurations reject it at submission
-        assert "sbatch rejected" in str(exc) and "hint:" in str(exc)
+        assert "sbatch rejected" in str(exc) and "set [executor] cpus <=" in str(exc)
+        assert "\n" not in str(exc)
         return
     try:
         pending = wait_for(executor, status.replica_id, {ReplicaState.PENDING}, 10)
@@ -147,13 +159,30 @@ def test_job_requesting_more_cpus_than_any_node_reports_slurms_reason(make_execu
         assert "PartitionConfig" in pending.message or "BadConstraints" in pending.message
         assert "will not start" in pending.message
         # and which key to change, to what the node has (what config check says)
-        assert "cpus = 64 but the largest node in partition" in pending.message, pending.message
+        assert pending.message.startswith("cpus = 64 but the largest node in partition"), (
+            pending.message
+        )
         assert "set [executor] cpus <=" in pending.message
         assert pending.unsatisfiable is True
         assert "pending" in executor.logs(status.replica_id)
     finally:
         executor.stop(status.replica_id, grace=2)
     assert executor.status(status.replica_id).state is ReplicaState.STOPPED
+
+
+def test_a_submission_slurm_refuses_is_one_line_naming_the_key_and_the_node(make_executor, spec):
+    """More memory than the node has: sbatch refuses; the error names `memory` and the node's
+    RealMemory, in one line (what `serve` prints after `error:`)."""
+    executor = make_executor(memory="64G")
+    with pytest.raises(ExecutorError) as caught:
+        executor.start(spec)
+    message = str(caught.value)
+    assert message.startswith(
+        "sbatch rejected the replica job (Requested node configuration is not available): "
+        "memory = '64G' but the largest node in partition 'debug' has 4000 MB: set "
+        "[executor] memory to at most 4000M"
+    ), message
+    assert "\n" not in message and "Traceback" not in message
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ pytestmark = [
     pytest.mark.usefixtures("slurm_cluster"),
 ]
 
+BIOENGINE = Path(sys.executable).parent / "bioengine"
 MODEL = ROOT / "models" / "unet2d_nuclei_broad"
 MODEL_ID = "unet2d_nuclei_broad"
 X = np.load(MODEL / "test_input.npy")
@@ -77,15 +79,24 @@ weight_format = "onnx"
 
 
 def our_jobs(name: str) -> dict[str, str]:
-    """Job id -> state of the jobs of deployment `name` that squeue lists as alive."""
+    """Job id -> state of the jobs of deployment `name` that squeue lists as alive (found by
+    the comment naming the deployment: job names hold only its first characters)."""
     out = subprocess.run(
-        ["squeue", "-h", f"--name={name}.bioengine", "-o", "%i %T"],
-        capture_output=True,
-        text=True,
-        check=True,
+        ["squeue", "-h", "-o", "%i|%T|%k"], capture_output=True, text=True, check=True
     ).stdout
-    jobs = dict(line.split() for line in out.splitlines() if line.strip())
+    jobs = {}
+    for line in out.splitlines():
+        job_id, state, comment = line.split("|", 2)
+        if f"bioengine.deployment={name}" in comment.removeprefix("bioengine:").split(","):
+            jobs[job_id] = state
     return {j: s for j, s in jobs.items() if s in ("PENDING", "RUNNING", "CONFIGURING")}
+
+
+def scancel_deployments(name: str) -> None:
+    """Cancel whatever jobs of deployment `name` are left (cleanup)."""
+    ids = list(our_jobs(name))
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True)
 
 
 def leftovers(state_dir: Path) -> list[str]:
@@ -159,7 +170,15 @@ def served(tmp_path_factory):
     name = f"e2e-{uuid.uuid4().hex[:6]}"
     port = free_port()
     config = slurm_config(tmp, name=name, port=port, replicas=2)
-    holder = {"serve": Serve(config), "config": config, "name": name}
+    # What `bioengine slurm script` prints before serve starts: the first job's script.
+    printed = subprocess.run(
+        [str(BIOENGINE), "slurm", "script", "--config", str(config), "--model", MODEL_ID],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    holder = {"serve": Serve(config), "config": config, "name": name, "printed": printed}
     url = f"http://127.0.0.1:{port}"
     try:
         holder["serve"].wait_serving(timeout=300)
@@ -169,7 +188,7 @@ def served(tmp_path_factory):
     finally:
         holder["serve"].stop(signal.SIGTERM)
         print(holder["serve"].output)
-        subprocess.run(["scancel", f"--name={name}.bioengine"], capture_output=True)
+        scancel_deployments(name)
 
 
 def test_two_jobs_serve_the_model_test_output(served):
@@ -181,6 +200,29 @@ def test_two_jobs_serve_the_model_test_output(served):
     assert {r["id"] for r in status["replicas"]} == set(jobs)
     assert all(r["expires_at"] for r in status["replicas"])
     np.testing.assert_allclose(infer(served["url"]), Y, atol=1e-4, rtol=1e-4)
+
+
+def test_plain_squeue_tells_replicas_apart_and_slurm_script_is_what_was_submitted(served):
+    """squeue's default 8-character NAME column shows SHORT.1 and SHORT.2; the script that
+    `bioengine slurm script` printed is byte for byte the one Slurm holds for job SHORT.1."""
+    jobs = our_jobs(served["name"])
+    plain = subprocess.run(
+        ["squeue", "-h", "-j", ",".join(jobs)], capture_output=True, text=True, check=True
+    ).stdout
+    short = served["name"][:5]
+    names = sorted(line.split()[2] for line in plain.splitlines())
+    assert names == [f"{short}.1", f"{short}.2"], plain
+    first = subprocess.run(
+        ["squeue", "-h", "-j", ",".join(jobs), "-o", "%i %j"], capture_output=True, text=True
+    ).stdout
+    job_id = next(line.split()[0] for line in first.splitlines() if line.endswith(".1"))
+    submitted = subprocess.run(
+        ["scontrol", "write", "batch_script", job_id, "-"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert submitted == served["printed"]
 
 
 def test_outside_scancel_under_load_loses_no_request(served):
@@ -271,6 +313,6 @@ def test_two_minute_jobs_are_succeeded_without_gap(tmp_path):
             load.stop()
         serve.stop(signal.SIGTERM)
         print(serve.output)
-        subprocess.run(["scancel", f"--name={name}.bioengine"], capture_output=True)
+        scancel_deployments(name)
     assert our_jobs(name) == {}
     wait_for(lambda: not leftovers(tmp_path / "state"), 30, "no Triton process left behind")

@@ -141,7 +141,7 @@ def test_operator_template_replaces_default(tmp_path: Path) -> None:
     context = BackendContext(deployment="lab", state_dir=tmp_path, config_dir=tmp_path)
     spec = ReplicaSpec(deployment="lab", repository=RepositoryLocation(uri="/r"))
     text = SlurmExecutor(settings, context).preview(spec)
-    assert text.startswith("#!/bin/bash\n#SBATCH --job-name=lab.bioengine\n")
+    assert text.startswith("#!/bin/bash\n#SBATCH --job-name=lab.1\n")
     assert "--reservation=imaging" in text and "bioengine_executor_slurm.launch" in text
 
 
@@ -209,6 +209,25 @@ def test_cli_prints_the_script(tmp_path: Path) -> None:
         timeout=120,
     )
     assert bad.returncode == 2 and "no such config file" in bad.stderr
+
+
+def test_job_names_fit_squeues_name_column() -> None:
+    """SHORT.N: 5 characters of the deployment (or `job_name`) and the slot; plain squeue shows
+    8 characters, so deployments and replicas stay apart; the legacy prefix still works."""
+    from bioengine_executor_slurm.script import job_name, names_deployment, slot_of
+
+    default = SlurmSettings()
+    assert job_name(default, "bioengine", 2) == "bioen.2"
+    assert job_name(default, "lab", 1) == "lab.1" and slot_of("lab.12") == 12
+    assert len(job_name(default, "imaging-production", 99)) <= 8
+    assert names_deployment(default, "imaging-production", "imagi.3")
+    assert not names_deployment(default, "lab", "lab.x") and slot_of("bioengine") is None
+    assert job_name(SlurmSettings(job_name="img"), "imaging", 1) == "img.1"
+    legacy = SlurmSettings(job_name_prefix="bioengine")
+    assert job_name(legacy, "lab", 3) == "bioengine-lab"
+    assert names_deployment(legacy, "lab", "bioengine-lab")
+    with pytest.raises(ValidationError, match="job_name"):
+        SlurmSettings(job_name="toolong")
 
 
 def test_comment_round_trips_labels() -> None:

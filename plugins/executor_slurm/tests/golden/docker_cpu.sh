@@ -2,7 +2,7 @@
 # BioEngine: one Triton replica of deployment "lab" as a Slurm batch job.
 # Rendered from bioengine_executor_slurm/templates/job.sh.j2;
 # `bioengine slurm script --config FILE` prints it.
-#SBATCH --job-name=lab.bioengine
+#SBATCH --job-name=lab.1
 #SBATCH --comment=bioengine:bioengine.deployment=lab
 #SBATCH --output=/shared/bioengine/state/logs/%x-%j.out
 #SBATCH --open-mode=append
