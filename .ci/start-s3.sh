@@ -9,11 +9,15 @@
 # Ports come from the environment: BIOENGINE_S3_PORT (default 23333) for S3, and
 # BIOENGINE_S3_PORT_BASE (default 23330) for SeaweedFS's own servers: master BASE, its gRPC
 # BASE+1, volume BASE+2 (gRPC +4), filer BASE+5 (gRPC +6), S3 gRPC BASE+7. The defaults stay in
-# 23330-23337, clear of SeaweedFS's usual 8080/8333/8888/9333. If you change the S3 port, give the
-# tests BIOENGINE_S3_ENDPOINT=http://127.0.0.1:PORT too. Data, log and pid live in $BIOENGINE_S3_DIR
-# (default /tmp/bioengine-s3). One identity with admin rights:
-#   access key  bioengine-ci   secret  bioengine-ci-secret
-# The tests read BIOENGINE_S3_ENDPOINT / _ACCESS_KEY / _SECRET_KEY and default to these values.
+# 23330-23337, clear of SeaweedFS's usual 8080/8333/8888/9333. The tests read the same
+# BIOENGINE_S3_PORT (or a whole BIOENGINE_S3_ENDPOINT=http://HOST:PORT). Data, log and pid live in
+# $BIOENGINE_S3_DIR (default /tmp/bioengine-s3). Two identities:
+#   access key  bioengine-ci          secret  bioengine-ci-secret          admin rights
+#   access key  bioengine-ci-reader   secret  bioengine-ci-reader-secret   read and list only
+# (the reader lets tests see what an operator sees when the bucket policy refuses writes).
+# The tests read BIOENGINE_S3_ACCESS_KEY / _SECRET_KEY and default to the admin's values.
+# Running the script again keeps a server that answers with the same options; when only the
+# identities changed it makes the server reload them (SIGHUP) instead of restarting it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +32,8 @@ for value in "$S3_PORT" "$BASE"; do
 done
 ACCESS_KEY="bioengine-ci"
 SECRET_KEY="bioengine-ci-secret"
+READER_KEY="bioengine-ci-reader"
+READER_SECRET="bioengine-ci-reader-secret"
 PIDFILE="$DIR/weed.pid"
 LOG="$DIR/weed.log"
 
@@ -45,6 +51,25 @@ with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[2]}/dir/status", timeou
 nodes = [n for dc in topology.get("DataCenters") or [] for r in dc.get("Racks") or []
          for n in r.get("DataNodes") or []]
 sys.exit(0 if nodes else 1)
+EOF
+}
+
+identities() {
+    cat <<EOF
+{
+  "identities": [
+    {
+      "name": "bioengine",
+      "credentials": [{"accessKey": "$ACCESS_KEY", "secretKey": "$SECRET_KEY"}],
+      "actions": ["Admin", "Read", "Write", "List", "Tagging"]
+    },
+    {
+      "name": "bioengine-reader",
+      "credentials": [{"accessKey": "$READER_KEY", "secretKey": "$READER_SECRET"}],
+      "actions": ["Read", "List"]
+    }
+  ]
+}
 EOF
 }
 
@@ -82,6 +107,12 @@ ARGS=(server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$DIR/data"
     -s3.port.iceberg=0 -s3.port.lance=0)
 
 if running && answers && [ "$(cat "$DIR/args" 2>/dev/null)" = "${ARGS[*]}" ]; then
+    if [ "$(cat "$DIR/identities.json" 2>/dev/null)" != "$(identities)" ]; then
+        identities >"$DIR/identities.json"
+        kill -HUP "$(cat "$PIDFILE")"  # SeaweedFS reloads -s3.config on SIGHUP
+        sleep 1
+        echo "start-s3: identities reloaded"
+    fi
     echo "start-s3: SeaweedFS S3 already up on http://127.0.0.1:$S3_PORT (pid $(cat "$PIDFILE"))"
     exit 0
 fi
@@ -98,17 +129,7 @@ if [ -z "$WEED" ]; then
 fi
 
 mkdir -p "$DIR/data"
-cat >"$DIR/identities.json" <<EOF
-{
-  "identities": [
-    {
-      "name": "bioengine",
-      "credentials": [{"accessKey": "$ACCESS_KEY", "secretKey": "$SECRET_KEY"}],
-      "actions": ["Admin", "Read", "Write", "List", "Tagging"]
-    }
-  ]
-}
-EOF
+identities >"$DIR/identities.json"
 
 setsid "$WEED" "${ARGS[@]}" >"$LOG" 2>&1 </dev/null &
 echo $! >"$PIDFILE"

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import boto3.exceptions
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
@@ -62,6 +63,12 @@ META = ".bioengine"
 CONFIG = "config.pbtxt"
 MANIFEST_FORMAT = 1
 _CHUNK = 1024 * 1024
+_ERRORS = (
+    botocore.exceptions.BotoCoreError,
+    botocore.exceptions.ClientError,
+    boto3.exceptions.Boto3Error,
+)
+"""What boto3 raises: turned into one-line S3StorageErrors with cause and fix."""
 
 
 class S3StorageError(StorageError):
@@ -280,77 +287,139 @@ class S3Storage(Storage):
             return "[storage] access_key_id / secret_access_key"
         return "the AWS credentials of the environment (AWS_ACCESS_KEY_ID, ~/.aws, a role)"
 
-    def _hint(self, code: str) -> str:
-        """The cause and fix of an S3 error code an operator can cause."""
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return f" — the server refused the credentials: check {self._credential_settings()}"
+    def _endpoint(self) -> str:
+        """The S3 server as the operator configured it."""
+        return self.settings.endpoint_url or f"Amazon S3 (region {self.settings.region})"
+
+    def _missing_bucket(self) -> str:
+        """Cause and fix of a bucket that does not exist."""
+        endpoint = (
+            f" --endpoint-url {self.settings.endpoint_url}" if self.settings.endpoint_url else ""
+        )
+        return (
+            f"bucket {self.bucket!r} does not exist at {self._endpoint()}: create it (e.g. "
+            f"`aws s3 mb s3://{self.bucket}{endpoint}`), set [storage] create_bucket = true, "
+            "or fix [storage] bucket"
+        )
+
+    def _hint(self, code: str, operation: str) -> str:
+        """Cause and fix of an S3 error code an operator can cause ("" when none is known)."""
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
+            return f"credentials refused: check {self._credential_settings()}"
         if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
             return (
-                f" — credentials refused or not allowed here: check "
-                f"{self._credential_settings()}, and that the bucket policy lets this user "
-                f"list, read and write s3://{self.bucket}/{self.prefix}"
+                f"credentials refused or not allowed here: check {self._credential_settings()}, "
+                f"or the bucket policy (this user needs list, read and write on "
+                f"s3://{self.bucket}/{self.prefix})"
             )
-        if code in ("NoSuchBucket", "404", "NotFound"):
-            return f" — bucket {self.bucket!r} does not exist: create it or fix [storage] bucket"
-        if code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "301", "400"):
-            return f" — the bucket is in another region: fix [storage] region ({self.settings.region!r})"
+        if code == "NoSuchBucket" or (
+            code in ("404", "NotFound") and operation in ("HeadBucket", "ListObjectsV2")
+        ):
+            return self._missing_bucket()
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return (
+                "the object is gone (deleted by hand, or does another process publish here?): "
+                "publish the model again"
+            )
+        if code in (
+            "PermanentRedirect",
+            "AuthorizationHeaderMalformed",
+            "IllegalLocationConstraintException",
+            "301",
+        ) or (code == "400" and operation == "HeadBucket"):
+            return (
+                f"the bucket is in another region: fix [storage] region ({self.settings.region!r})"
+            )
+        if code in ("InternalError", "ServiceUnavailable", "SlowDown") or code[:1] == "5":
+            return (
+                f"the S3 server at {self._endpoint()} failed on its side: check its health "
+                "and log, then retry"
+            )
         return ""
 
     def preflight(self) -> list[str]:
         """Whether the bucket answers to these credentials (one HeadBucket and one small
-        listing, no retries): problems as one line each with the fix."""
+        listing of the prefix, short timeouts, no retries): problems as one line each."""
+        operation = "HeadBucket"
         try:
-            self._client.head_bucket(Bucket=self.bucket)
+            try:
+                self._client.head_bucket(Bucket=self.bucket)
+            except botocore.exceptions.ClientError as exc:
+                if self._status(exc) != 403:
+                    raise
+                # HEAD answers carry no error code: a listing says which refusal it is
+                # (SignatureDoesNotMatch, InvalidAccessKeyId, AccessDenied).
+            operation = "ListObjectsV2"
             self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix + "/", MaxKeys=1)
         except botocore.exceptions.ClientError as exc:
-            code = self._code(exc)
+            code = self._code(exc) or str(self._status(exc))
             if code in ("404", "NoSuchBucket", "NotFound") and self.settings.create_bucket:
                 return []  # serve creates it
-            return [str(self._error(exc, "HeadBucket"))]
-        except botocore.exceptions.BotoCoreError as exc:
-            return [str(self._error(exc, "HeadBucket"))]
+            return [str(self._error(exc, operation))]
+        except (botocore.exceptions.BotoCoreError, boto3.exceptions.Boto3Error) as exc:
+            return [str(self._error(exc, operation))]
         return []
 
-    def _error(self, exc: Exception, operation: str, key: str = "") -> S3StorageError:
-        """A StorageError carrying S3's error code, the operation and the object."""
+    @staticmethod
+    def _status(exc: botocore.exceptions.ClientError) -> int:
+        """The HTTP status of a refused request (0 when unknown)."""
+        return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+    def _error(self, exc: BaseException, operation: str, key: str = "") -> S3StorageError:
+        """One line for the operator: what failed (S3's error code, the operation, the object),
+        the likely cause and the setting that fixes it; never the credentials' values."""
         where = self._url(key)
         if self.settings.endpoint_url:
             where += f" at {self.settings.endpoint_url}"
+        # boto3's transfer manager wraps the botocore error that actually happened
+        if isinstance(exc, boto3.exceptions.Boto3Error):
+            inner = exc.__cause__ or exc.__context__
+            if isinstance(
+                inner, botocore.exceptions.BotoCoreError | botocore.exceptions.ClientError
+            ):
+                exc = inner
+        code, detail, hint = type(exc).__name__, str(exc), ""
         if isinstance(exc, botocore.exceptions.ClientError):
             err = exc.response.get("Error", {})
             code = str(err.get("Code", "")) or str(
                 exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
             )
-            message = err.get("Message", "") or str(exc)
-            return S3StorageError(
-                f"S3 {operation} of {where} failed: {code}: {message}{self._hint(code)}",
-                code=code,
-                operation=operation,
-                key=key,
+            detail = err.get("Message", "") or str(exc)
+            hint = self._hint(code, operation)
+        elif isinstance(exc, botocore.exceptions.NoCredentialsError):
+            code, detail = "NoCredentials", "no credentials found"
+            hint = (
+                "set [storage] access_key_id_env / secret_access_key_env (or "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment)"
             )
-        if isinstance(exc, botocore.exceptions.NoCredentialsError):
-            return S3StorageError(
-                f"S3 {operation} of {where} failed: no credentials (set access_key_id and "
-                "secret_access_key, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)",
-                code="NoCredentials",
-                operation=operation,
-                key=key,
+        elif isinstance(exc, botocore.exceptions.SSLError):
+            code = "SSLError"
+            hint = (
+                f"TLS with {self._endpoint()} failed: check the scheme (http/https) of "
+                "[storage] endpoint_url, or the certificate ([storage] verify_tls)"
             )
-        if isinstance(exc, botocore.exceptions.EndpointConnectionError | ConnectTimeoutError):
-            return S3StorageError(
-                f"S3 {operation} of {where} failed: no S3 server answers ({exc}) — check "
-                "[storage] endpoint_url and that the server runs and is reachable from here",
-                code="EndpointConnectionError",
-                operation=operation,
-                key=key,
+        elif isinstance(
+            exc,
+            botocore.exceptions.EndpointConnectionError
+            | ConnectTimeoutError
+            | botocore.exceptions.ProxyConnectionError
+            | botocore.exceptions.ConnectionClosedError,
+        ):
+            code = "EndpointConnectionError"
+            hint = (
+                f"no S3 server answers at {self._endpoint()}: check [storage] endpoint_url "
+                "and the network (is the server running and reachable from here?)"
             )
-        name = type(exc).__name__
-        return S3StorageError(
-            f"S3 {operation} of {where} failed: {name}: {exc}",
-            code=name,
-            operation=operation,
-            key=key,
-        )
+        elif isinstance(exc, botocore.exceptions.ReadTimeoutError):
+            code = "ReadTimeout"
+            hint = (
+                f"the S3 server at {self._endpoint()} accepted the connection but did not "
+                "answer in time: check its health, or [storage] endpoint_url"
+            )
+        message = f"S3 {operation} of {where} failed: {code}: {detail}"
+        if hint:
+            message += f" — {hint}"
+        return S3StorageError(" ".join(message.split()), code=code, operation=operation, key=key)
 
     @staticmethod
     def _code(exc: Exception) -> str:
@@ -361,7 +430,7 @@ class S3Storage(Storage):
     def _call(self, operation: str, key: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
         try:
             return fn(**kwargs)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        except _ERRORS as exc:
             raise self._error(exc, operation, key) from exc
 
     # ------------------------------------------------------------------ bucket
@@ -376,35 +445,43 @@ class S3Storage(Storage):
             try:
                 self._client.head_bucket(Bucket=self.bucket)
             except botocore.exceptions.ClientError as exc:
-                code = self._code(exc)
-                if code not in ("404", "NoSuchBucket", "NotFound"):
+                code = self._code(exc) or str(self._status(exc))
+                if code == "403":
+                    # A HEAD answer has no error code: a listing says which refusal it is
+                    # (or succeeds, when only HeadBucket is refused: then the bucket is usable).
+                    self._call(
+                        "ListObjectsV2",
+                        "",
+                        self._client.list_objects_v2,
+                        Bucket=self.bucket,
+                        Prefix=self.prefix + "/",
+                        MaxKeys=1,
+                    )
+                elif code not in ("404", "NoSuchBucket", "NotFound"):
                     raise self._error(exc, "HeadBucket") from exc
-                if not self.settings.create_bucket:
+                elif not self.settings.create_bucket:
                     raise S3StorageError(
-                        f"bucket {self.bucket!r} does not exist"
-                        + (
-                            f" at {self.settings.endpoint_url}"
-                            if self.settings.endpoint_url
-                            else ""
-                        )
-                        + ": create it, or set create_bucket = true in [storage]",
-                        code="NoSuchBucket",
-                        operation="HeadBucket",
+                        self._missing_bucket(), code="NoSuchBucket", operation="HeadBucket"
                     ) from exc
-                kwargs: dict[str, Any] = {"Bucket": self.bucket}
-                if self.settings.region != "us-east-1":
-                    kwargs["CreateBucketConfiguration"] = {
-                        "LocationConstraint": self.settings.region
-                    }
-                try:
-                    self._client.create_bucket(**kwargs)
-                    self.progress(f"created bucket {self.bucket}")
-                except botocore.exceptions.ClientError as exc2:
-                    if self._code(exc2) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                        raise self._error(exc2, "CreateBucket") from exc2
-            except botocore.exceptions.BotoCoreError as exc:
+                else:
+                    self._create_bucket()
+            except _ERRORS as exc:
                 raise self._error(exc, "HeadBucket") from exc
             self._bucket_checked = True
+
+    def _create_bucket(self) -> None:
+        """Create the missing bucket (`create_bucket = true`); one that appeared meanwhile is fine."""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        if self.settings.region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.settings.region}
+        try:
+            self._client.create_bucket(**kwargs)
+            self.progress(f"created bucket {self.bucket}")
+        except botocore.exceptions.ClientError as exc:
+            if self._code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise self._error(exc, "CreateBucket") from exc
+        except _ERRORS as exc:
+            raise self._error(exc, "CreateBucket") from exc
 
     def _list(self, prefix: str) -> Iterator[dict[str, Any]]:
         """Every object below `prefix` (keys ending in `/` are directory markers: skipped)."""
@@ -414,7 +491,7 @@ class S3Storage(Storage):
                 for obj in page.get("Contents", []):
                     if not obj["Key"].endswith("/"):
                         yield obj
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        except _ERRORS as exc:
             raise self._error(exc, "ListObjectsV2", prefix) from exc
 
     def _delete_keys(self, keys: list[str]) -> None:
@@ -449,7 +526,7 @@ class S3Storage(Storage):
             if self._code(exc) in ("NoSuchKey", "404", "NotFound"):
                 return None
             raise self._error(exc, "GetObject", key) from exc
-        except botocore.exceptions.BotoCoreError as exc:
+        except _ERRORS as exc:
             raise self._error(exc, "GetObject", key) from exc
         try:
             manifest = json.loads(body)
@@ -665,11 +742,7 @@ class S3Storage(Storage):
             self._client.upload_file(
                 str(path), self.bucket, key, Config=self._transfer, Callback=callback
             )
-        except boto3.exceptions.S3UploadFailedError as exc:
-            inner = exc.__cause__ or exc.__context__
-            cause = inner if isinstance(inner, Exception) else exc
-            raise self._error(cause, "PutObject", key) from exc
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        except _ERRORS as exc:
             raise self._error(exc, "PutObject", key) from exc
         except OSError as exc:
             raise StorageError(f"cannot read {path} to publish {name}: {exc}") from exc
@@ -679,7 +752,7 @@ class S3Storage(Storage):
         source = {"Bucket": self.bucket, "Key": self._blob_key(sha)}
         try:
             self._client.copy(source, self.bucket, key, Config=self._transfer)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        except _ERRORS as exc:
             raise self._error(exc, "CopyObject", key) from exc
         return key
 
@@ -697,7 +770,7 @@ class S3Storage(Storage):
             if self._code(exc) in ("NoSuchKey", "404", "NotFound"):
                 raise _Changing(key) from exc
             raise self._error(exc, "GetObject", key) from exc
-        except botocore.exceptions.BotoCoreError as exc:
+        except _ERRORS as exc:
             raise self._error(exc, "GetObject", key) from exc
         if _sha256(dest) != sha:
             raise _Changing(key)

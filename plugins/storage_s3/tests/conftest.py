@@ -27,9 +27,15 @@ from botocore.config import Config
 
 from bioengine_core.testing.pytest_plugin import require_service
 
-SEAWEED_ENDPOINT = os.environ.get("BIOENGINE_S3_ENDPOINT", "http://127.0.0.1:23333")
+# The server `.ci/start-s3.sh` starts: on BIOENGINE_S3_PORT (the script's variable, default
+# 23333), or wherever BIOENGINE_S3_ENDPOINT says.
+SEAWEED_ENDPOINT = os.environ.get("BIOENGINE_S3_ENDPOINT") or (
+    f"http://127.0.0.1:{os.environ.get('BIOENGINE_S3_PORT') or 23333}"
+)
 SEAWEED_ACCESS_KEY = os.environ.get("BIOENGINE_S3_ACCESS_KEY", "bioengine-ci")
 SEAWEED_SECRET_KEY = os.environ.get("BIOENGINE_S3_SECRET_KEY", "bioengine-ci-secret")
+# The script's second identity: may read and list, not write (a refusing bucket policy).
+SEAWEED_READER = ("bioengine-ci-reader", "bioengine-ci-reader-secret")
 TEST_BUCKET = "bioengine-tests"
 
 
@@ -98,6 +104,12 @@ def seaweed() -> S3Server:
         answers(SEAWEED_ENDPOINT), f"SeaweedFS S3 at {SEAWEED_ENDPOINT} (bash .ci/start-s3.sh)"
     )
     return S3Server("seaweedfs", SEAWEED_ENDPOINT, SEAWEED_ACCESS_KEY, SEAWEED_SECRET_KEY)
+
+
+@pytest.fixture(scope="session")
+def seaweed_reader(seaweed: S3Server) -> tuple[str, str]:
+    """(key id, secret) of the SeaweedFS identity that may read and list but not write."""
+    return SEAWEED_READER
 
 
 @pytest.fixture(scope="session")

@@ -47,12 +47,15 @@ def test_good_credentials_pass_and_a_wrong_secret_names_the_variables(
     wrong = {**creds, "SITE_S3_SECRET": "not-the-secret"}
     bad = run_cli("config", "check", "--config", str(path), env=wrong)
     assert bad.returncode == 2, bad.stdout
-    assert (
-        "[storage]" in bad.stderr
-        and "SignatureDoesNotMatch" in bad.stderr
-        or ("AccessDenied" in bad.stderr or "403" in bad.stderr)
+    line = next(x for x in bad.stderr.splitlines() if "[storage]" in x)
+    assert "SignatureDoesNotMatch" in line and "credentials refused" in line
+    assert "SITE_S3_KEY and SITE_S3_SECRET" in line
+    assert "access_key_id_env / secret_access_key_env" in line
+    unknown = run_cli(
+        "config", "check", "--config", str(path), env={**wrong, "SITE_S3_KEY": "nobody"}
     )
-    assert "SITE_S3_KEY and SITE_S3_SECRET" in bad.stderr
+    assert unknown.returncode == 2
+    assert "InvalidAccessKeyId" in unknown.stderr and "credentials refused" in unknown.stderr
     assert "access_key_id_env / secret_access_key_env" in bad.stderr
     assert "not-the-secret" not in bad.stderr and "Traceback" not in bad.stderr
     offline = run_cli("config", "check", "--offline", "--config", str(path), env=wrong)
@@ -68,8 +71,48 @@ def test_a_missing_bucket_is_named_with_the_fix(seaweed, prefix, tmp_path, creds
     path = site(tmp_path, seaweed, prefix, bucket=f"absent-{prefix}")
     bad = run_cli("config", "check", "--config", str(path), env=creds)
     assert bad.returncode == 2
-    assert f"bucket 'absent-{prefix}' does not exist" in bad.stderr
-    assert "fix [storage] bucket" in bad.stderr
+    line = next(x for x in bad.stderr.splitlines() if "[storage]" in x)
+    assert f"bucket 'absent-{prefix}' does not exist at {seaweed.endpoint}" in line
+    assert f"aws s3 mb s3://absent-{prefix} --endpoint-url {seaweed.endpoint}" in line
+    assert "create_bucket = true" in line and "fix [storage] bucket" in line
+    assert "Traceback" not in bad.stderr
+    offline = run_cli("config", "check", "--offline", "--config", str(path), env=creds)
+    assert offline.returncode == 0, offline.stderr
+
+    # with create_bucket, serve will create it: not a problem
+    creating = site(tmp_path, seaweed, prefix, bucket=f"absent-{prefix}")
+    creating.write_text(
+        creating.read_text().replace('kind = "s3"\n', 'kind = "s3"\ncreate_bucket = true\n')
+    )
+    ok = run_cli("config", "check", "--config", str(creating), env=creds)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_key_the_bucket_policy_refuses_writes_fails_serve_in_one_line(
+    seaweed, seaweed_reader, prefix, tmp_path
+):
+    """A key that may list but not write passes the (read-only) preflight; the publish then
+    fails as one `error:` line naming the credential settings and the bucket policy."""
+    admin = seaweed.client()
+    try:
+        admin.head_bucket(Bucket=seaweed.bucket)
+    except Exception:
+        admin.create_bucket(Bucket=seaweed.bucket)
+    finally:
+        admin.close()
+    path = site(tmp_path, seaweed, prefix)
+    reader = {"SITE_S3_KEY": seaweed_reader[0], "SITE_S3_SECRET": seaweed_reader[1]}
+    checked = run_cli("config", "check", "--config", str(path), env=reader)
+    assert checked.returncode == 0, checked.stderr
+    served = run_cli("serve", "--config", str(path), env=reader, timeout=120)
+    assert served.returncode != 0
+    assert "Traceback" not in served.stderr + served.stdout
+    errors = [x for x in served.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1, served.stderr
+    assert "AccessDenied" in errors[0] and "PutObject" in errors[0]
+    assert "SITE_S3_KEY and SITE_S3_SECRET" in errors[0] and "bucket policy" in errors[0]
+    assert seaweed_reader[1] not in served.stderr + served.stdout
+    seaweed.empty(prefix)
 
 
 def test_no_server_at_the_endpoint_names_endpoint_url(seaweed, prefix, tmp_path, creds):
@@ -77,8 +120,10 @@ def test_no_server_at_the_endpoint_names_endpoint_url(seaweed, prefix, tmp_path,
     path = site(tmp_path, seaweed, prefix, endpoint_url=endpoint)
     bad = run_cli("config", "check", "--config", str(path), env=creds, timeout=60)
     assert bad.returncode == 2
-    assert "no S3 server answers" in bad.stderr and "[storage] endpoint_url" in bad.stderr
-    assert endpoint in bad.stderr
+    line = next(x for x in bad.stderr.splitlines() if "[storage]" in x)
+    assert f"no S3 server answers at {endpoint}" in line and "[storage] endpoint_url" in line
+    offline = run_cli("config", "check", "--offline", "--config", str(path), env=creds)
+    assert offline.returncode == 0, offline.stderr
 
 
 def test_debug_log_of_a_publish_is_short_and_carries_no_credentials(

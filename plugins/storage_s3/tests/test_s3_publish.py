@@ -248,19 +248,56 @@ def test_missing_bucket_is_an_error_unless_create_bucket(seaweed, make_storage, 
 def test_wrong_secret_fails_with_s3_error_code(
     seaweed, make_storage, prefix, write_model, tmp_path
 ):
-    """A bad secret surfaces as StorageError carrying S3's error code, not a boto3 exception."""
+    """A bad secret: put, list, get and delete (what serve calls) each fail with one line
+    carrying S3's error code and the settings to fix, never a boto3 exception or the secret."""
     storage = make_storage(seaweed, prefix, secret_access_key="not-the-secret", max_attempts=1)
-    with pytest.raises(StorageError) as denied:
-        storage.put("m", write_model(tmp_path / "src", V1))
-    assert isinstance(denied.value, S3StorageError)
-    assert denied.value.code in (
-        "SignatureDoesNotMatch",
-        "AccessDenied",
-        "InvalidAccessKeyId",
-        "403",
+    src = write_model(tmp_path / "src", V1)
+    calls = {
+        "put": lambda: storage.put("m", src),
+        "list": storage.list,
+        "get": lambda: storage.get("m", tmp_path / "out"),
+        "delete": lambda: storage.delete("m"),
+    }
+    for what, call in calls.items():
+        with pytest.raises(StorageError) as denied:
+            call()
+        message = str(denied.value)
+        assert isinstance(denied.value, S3StorageError), what
+        assert denied.value.code == "SignatureDoesNotMatch", (what, message)
+        assert "\n" not in message and denied.value.code in message
+        assert "credentials refused: check [storage] access_key_id / secret_access_key" in message
+        assert "not-the-secret" not in message and seaweed.access_key not in message
+
+
+def test_errors_while_serving_name_cause_and_fix(
+    seaweed, seaweed_reader, make_storage, prefix, write_model, tmp_path
+):
+    """What serve reports from put/get when the bucket policy refuses writes or the bucket is
+    gone: one line each, with the cause and what to do."""
+    admin = make_storage(seaweed, prefix)
+    src = write_model(tmp_path / "src", V1)
+    admin.put("m", src)
+
+    reader = make_storage(
+        seaweed,
+        prefix,
+        access_key_id=seaweed_reader[0],
+        secret_access_key=seaweed_reader[1],
+        max_attempts=1,
     )
-    assert denied.value.code in str(denied.value)
-    assert "not-the-secret" not in str(denied.value)
+    assert reader.list() == ["m"]  # may read ...
+    (src / "1" / "model.py").write_bytes(b"# changed\n")
+    with pytest.raises(S3StorageError) as refused:  # ... but not write
+        reader.put("m", src)
+    assert refused.value.code == "AccessDenied"
+    assert "the bucket policy (this user needs list, read and write" in str(refused.value)
+    assert "[storage] access_key_id / secret_access_key" in str(refused.value)
+
+    gone = make_storage(seaweed, prefix, bucket=f"gone-{prefix}", create_bucket=False)
+    with pytest.raises(S3StorageError) as missing:
+        gone.get("m", tmp_path / "out")
+    assert f"bucket 'gone-{prefix}' does not exist" in str(missing.value)
+    assert "fix [storage] bucket" in str(missing.value)
 
 
 def test_unreachable_endpoint_is_a_storage_error(make_storage, seaweed, prefix):
@@ -272,7 +309,7 @@ def test_unreachable_endpoint_is_a_storage_error(make_storage, seaweed, prefix):
     with pytest.raises(S3StorageError) as down:
         storage.list()
     assert down.value.code == "EndpointConnectionError"
-    assert endpoint in str(down.value)
+    assert f"no S3 server answers at {endpoint}: check [storage] endpoint_url" in str(down.value)
 
 
 def test_get_of_damaged_content_fails_clearly(seaweed, make_storage, prefix, write_model, tmp_path):
