@@ -11,6 +11,7 @@ from typing import Any
 from bioengine_core.contracts import BackendContext, Gateway, Service
 
 from .api import Authoriser, HyphaApi, caller_of
+from .diagnose import ConnectionProblem, describe
 from .direct import DirectLimits, DirectServer, Tickets, ticket_payload
 from .errors import install_error_guard
 from .server import EmbeddedHyphaServer
@@ -120,7 +121,11 @@ class HyphaGateway(Gateway):
             await asyncio.wait_for(self._connect(), s.connect_timeout)
         except Exception as exc:
             # Proxy mode: the server may be down right now; keep trying in the background.
-            self._note_failure(exc)
+            # A refused token or workspace will not heal by itself: serve stops with the fix.
+            if self._note_failure(exc).permanent:
+                from bioengine_core.errors import ConfigError
+
+                raise ConfigError(self.last_error or "") from exc
         self._supervisor = asyncio.create_task(self._supervise(), name="hypha-gateway")
 
     async def stop(self) -> None:
@@ -293,15 +298,18 @@ class HyphaGateway(Gateway):
             self.last_error = f"health check: {type(exc).__name__}: {exc or 'no answer in time'}"
             return False
 
-    def _note_failure(self, exc: BaseException) -> None:
-        text = str(exc) or type(exc).__name__
+    def _note_failure(self, exc: BaseException) -> ConnectionProblem:
+        """Record why the connection failed (one line with the fix, never the token)."""
+        problem = describe(exc, url=self.server_url, workspace=self.settings.effective_workspace)
+        text = problem.message
         token = self._token.get_secret_value() if self._token is not None else None
         if token and token in text:
             text = text.replace(token, "**********")
         self.last_error = text[:500]
         self.state = RECONNECTING
         self.connected_since = None
-        log.warning("Hypha gateway not connected to %s: %s", self.server_url, self.last_error)
+        log.warning("Hypha gateway not connected: %s", self.last_error)
+        return problem
 
     async def _supervise(self) -> None:
         """Check health; on failure tear down and reconnect with exponential backoff."""
