@@ -126,6 +126,25 @@ def test_no_server_at_the_endpoint_names_endpoint_url(seaweed, prefix, tmp_path,
     assert offline.returncode == 0, offline.stderr
 
 
+def test_the_example_passes_online_against_the_test_server(seaweed):
+    """plugins/storage_s3/examples/s3.toml as docs/s3.md runs it: config check contacts the
+    bucket (the example has create_bucket = true, so a missing bucket is fine)."""
+    from core_helpers import ROOT
+
+    env = {
+        "SITE_S3_ACCESS_KEY": seaweed.access_key,
+        "SITE_S3_SECRET_KEY": seaweed.secret_key,
+        "BIOENGINE_STORAGE__ENDPOINT_URL": seaweed.endpoint,  # BIOENGINE_S3_PORT may move it
+    }
+    example = ROOT / "plugins" / "storage_s3" / "examples" / "s3.toml"
+    ok = run_cli("config", "check", "--config", str(example), env=env)
+    assert ok.returncode == 0, ok.stderr
+    wrong = run_cli(
+        "config", "check", "--config", str(example), env={**env, "SITE_S3_SECRET_KEY": "x"}
+    )
+    assert wrong.returncode == 2 and "SITE_S3_ACCESS_KEY and SITE_S3_SECRET_KEY" in wrong.stderr
+
+
 def test_debug_log_of_a_publish_is_short_and_carries_no_credentials(
     seaweed, make_storage, prefix, write_model, tmp_path, caplog
 ):
@@ -146,6 +165,23 @@ def test_debug_log_of_a_publish_is_short_and_carries_no_credentials(
     assert "published m" in text  # the publish summary is there
 
 
+def free_block(count: int) -> int:
+    """The first of `count` consecutive TCP ports that are all free on 127.0.0.1 now."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randrange(30000, 50000)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {count} consecutive free ports in 30000-50000")
+
+
 def test_start_script_takes_its_ports_from_the_environment(tmp_path):
     """`.ci/start-s3.sh` on other ports (a second server beside the shared one), then stopped."""
     import shutil
@@ -160,7 +196,7 @@ def test_start_script_takes_its_ports_from_the_environment(tmp_path):
 
     weed = shutil.which("weed") or (ROOT / ".venv" / "bin" / "weed").exists()
     require_service(bool(weed), "the weed (SeaweedFS) binary")
-    base = 30000 + free_port() % 20000
+    base = free_block(10)
     env = {
         "PATH": f"{ROOT / '.venv' / 'bin'}:/usr/bin:/bin",
         "BIOENGINE_S3_DIR": str(tmp_path / "s3"),
@@ -177,5 +213,19 @@ def test_start_script_takes_its_ports_from_the_environment(tmp_path):
         assert f"http://127.0.0.1:{base + 9}" in up.stdout
         with pytest.raises(urllib.error.HTTPError):  # S3 answers (403 to an anonymous call)
             urllib.request.urlopen(f"http://127.0.0.1:{base + 9}/", timeout=5)
+        # the tests find that server through the same variable (the conftest reads it)
+        probe = subprocess.run(
+            [
+                str(ROOT / ".venv" / "bin" / "python"),
+                "-c",
+                "import conftest; print(conftest.SEAWEED_ENDPOINT)",
+            ],
+            env={**env, "BIOENGINE_S3_ENDPOINT": ""},
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert probe.stdout.strip() == f"http://127.0.0.1:{base + 9}", probe.stderr
     finally:
         subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True, timeout=60)
