@@ -30,6 +30,7 @@ def bioengine_register_model_sources() -> list[ModelSourceType]:
         ZipSource,
         ZipSourceSettings,
     )
+    from .sources_zoo import ZooSource, ZooSourceSettings
 
     return [
         ModelSourceType(
@@ -52,6 +53,13 @@ def bioengine_register_model_sources() -> list[ModelSourceType]:
             lambda *, settings, context: BundledSource(),
             "a package shipped with BioEngine (`bioengine models bundled`)",
             schemes=("bundled",),
+        ),
+        ModelSourceType(
+            "bioimageio",
+            ZooSourceSettings,
+            lambda *, settings, context: ZooSource(settings, context),
+            "BioImage Model Zoo ids, DOIs and https URLs, into a verified cache",
+            schemes=("bioimageio", "doi", "https", "http"),
         ),
     ]
 

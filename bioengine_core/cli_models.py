@@ -1,4 +1,5 @@
-"""`bioengine models`: the packages shipped with BioEngine, and a site config to start from."""
+"""`bioengine models`: the packages shipped with BioEngine, a site config to start from, and
+`pull` to fill the model cache ahead of time."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import typer
 from rich.table import Table
 
 from .cli_common import console, err
-from .errors import ModelError
+from .errors import BioEngineError, ModelError
 
 models_app = typer.Typer(
-    help="Models shipped with BioEngine, and an example site config that serves them.",
+    help="Models shipped with BioEngine, an example site config that serves them, and "
+    "`pull` to fill the model cache ahead of time.",
     no_args_is_help=True,
 )
 
@@ -88,3 +90,75 @@ def example(
         markup=False,
         soft_wrap=True,
     )
+
+
+def _pull_source(cfg: object, ref: str) -> object:
+    """The configured model source for `ref`'s scheme, with offline mode off (pull fetches)."""
+    from .sources import split_ref
+
+    scheme, _ = split_ref(ref)
+    for name, backend in cfg.sources.items():  # type: ignore[attr-defined]
+        if backend is None or scheme not in (getattr(backend.record, "schemes", ()) or (name,)):
+            continue
+        settings = backend.settings
+        if "offline" in type(settings).model_fields:
+            settings = settings.model_copy(update={"offline": False})
+        context = cfg.context(progress=_say).for_backend("source", name)  # type: ignore[attr-defined]
+        return backend.record.factory(settings=settings, context=context)
+    raise ModelError(f"no model source handles '{scheme}:' (see `bioengine plugins list`)")
+
+
+def _say(line: str) -> None:
+    console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+@models_app.command("pull")
+def pull(
+    refs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Zoo ids (affable-shark, affable-shark/1.1) or references "
+            "(bioimageio:ID, doi:10.5281/..., https://.../rdf.yaml)."
+        ),
+    ],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="Site config whose [sources.*] settings and cache to use."
+        ),
+    ] = None,
+) -> None:
+    """Fetch models into the verified cache ahead of time (e.g. before a site goes offline:
+    then `offline = true` in [sources.bioimageio] serves them without network).
+
+    \b
+      bioengine models pull affable-shark --config site.toml
+    """
+    from .cli_common import load
+    from .config import load_config
+
+    try:
+        cfg = load(config) if config else load_config(None, _plugins())
+    except BioEngineError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    failed = 0
+    for raw in refs:
+        ref = raw if ":" in raw else f"bioimageio:{raw}"
+        try:
+            source = _pull_source(cfg, ref)
+            folder = source.resolve(ref, cache_dir=cfg.state_dir / "sources")  # type: ignore[attr-defined]
+        except BioEngineError as exc:
+            failed += 1
+            line = " ".join(str(exc).split())
+            err.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
+            continue
+        _say(f"{ref}: cached at {folder}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _plugins() -> object:
+    from .cli_common import plugins
+
+    return plugins()
