@@ -198,6 +198,9 @@ class ZooEmulator:
             def do_GET(self) -> None:  # noqa: N802
                 emulator._handle(self)
 
+            def do_HEAD(self) -> None:  # noqa: N802
+                emulator._handle(self, head=True)
+
             def log_message(self, *args: Any) -> None:
                 pass
 
@@ -264,12 +267,14 @@ class ZooEmulator:
                 out[model_id] = entry
         return out
 
-    def _handle(self, req: BaseHTTPRequestHandler) -> None:
+    def _handle(self, req: BaseHTTPRequestHandler, head: bool = False) -> None:
         parsed = urlparse(req.path)
         path = unquote(parsed.path)
         query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+        req.head_only = head  # type: ignore[attr-defined]
         with self._lock:
-            self.requests.append(req.path)
+            if not head:
+                self.requests.append(req.path)
         parts = [p for p in path.split("/") if p]
         try:
             if path == f"{S3}/id_map.json":
@@ -330,6 +335,12 @@ class ZooEmulator:
         pub: Published | None = None,
         name: str = "",
     ) -> None:
+        if getattr(req, "head_only", False):
+            req.send_response(status)
+            req.send_header("Content-Type", ctype)
+            req.send_header("Content-Length", str(len(body)))
+            req.end_headers()
+            return
         key = (pub.id, name) if pub else ("", "")
         delay = self.faults.delays.get(key, 0.0)
         if delay:
