@@ -298,7 +298,7 @@ class S3Storage(Storage):
         )
         return (
             f"bucket {self.bucket!r} does not exist at {self._endpoint()}: create it (e.g. "
-            f"`aws s3 mb s3://{self.bucket}{endpoint}`), set [storage] create_bucket = true, "
+            f"aws s3 mb s3://{self.bucket}{endpoint}), set [storage] create_bucket = true, "
             "or fix [storage] bucket"
         )
 
