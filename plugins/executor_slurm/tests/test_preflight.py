@@ -3,6 +3,7 @@ for, and says which key to change and to what; `--offline` leaves the cluster al
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -82,11 +83,10 @@ def test_an_unreachable_controller_is_one_clear_line(tmp_path):
     (within the preflight's short timeout), and --offline does not ask."""
     from core_helpers import free_port
 
-    conf = Path("/etc/slurm/slurm.conf").read_text()
+    # Drop the conf's own SlurmctldPort (start-slurm.sh writes one; a later line would win).
+    conf = re.sub(r"(?im)^\s*SlurmctldPort\s*=.*\n?", "", Path("/etc/slurm/slurm.conf").read_text())
     bad = tmp_path / "slurm.conf"
-    bad.write_text(
-        conf.replace("SlurmctldHost=", f"SlurmctldPort={free_port()}\nSlurmctldHost=", 1)
-    )
+    bad.write_text(f"SlurmctldPort={free_port()}\n{conf}")
     path = site(tmp_path, "")
     run = run_cli("config", "check", "--config", path, env={"SLURM_CONF": str(bad)})
     assert run.returncode == 2
