@@ -88,30 +88,19 @@ class ZooSourceSettings(BackendSettings):
         return _http_url(value, info.field_name)
 
 
-def _is_transport_error(exc: BaseException) -> bool:
-    """A dropped or refused connection somewhere in the exception chain (retry it); timeouts
-    are not retried, so a slow server costs one `http_timeout`, not several."""
+def _network_error(exc: BaseException) -> str:
+    """'timeout', 'transport' (a dropped or refused connection: retried) or '' for the first
+    httpx error in the exception chain. Timeouts are not retried: a slow server costs one try."""
     import httpx
 
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, httpx.TimeoutException):
-            return False
+            return "timeout"
         if isinstance(seen, httpx.TransportError):
-            return True
+            return "transport"
         seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _timeout_in(exc: BaseException) -> bool:
-    import httpx
-
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, httpx.TimeoutException):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return ""
 
 
 def _first_line(exc: BaseException) -> str:
@@ -250,7 +239,7 @@ class ZooSource(ModelSource):
             except ModelError:
                 raise
             except Exception as exc:  # noqa: BLE001 - spec raises many kinds; each named below
-                if _is_transport_error(exc) and attempt + 1 < tries:
+                if _network_error(exc) == "transport" and attempt + 1 < tries:
                     self._say(f"{ref}: {_first_line(exc)}; retrying")
                     continue
                 raise self._describe_error(ref, source, exc) from None
@@ -258,7 +247,7 @@ class ZooSource(ModelSource):
 
     def _describe_error(self, ref: str, source: str, exc: Exception) -> ModelError:
         s = self.settings
-        if _timeout_in(exc):
+        if _network_error(exc) == "timeout":
             return ModelError(
                 f"{ref}: the zoo did not answer within {s.http_timeout:g} s "
                 f"({SECTION} http_timeout)"
@@ -270,7 +259,7 @@ class ZooSource(ModelSource):
                 f"{ref}: no such model in the zoo (not at {where}, not in the id map {s.id_map}; "
                 f"settings {SECTION} collection_http_pattern, id_map)"
             )
-        if _is_transport_error(exc) or "Empty (or unavailable) id map" in text:
+        if _network_error(exc) == "transport" or "Empty (or unavailable) id map" in text:
             return ModelError(
                 f"{ref}: the zoo is unreachable ({_first_line(exc)}); check {SECTION} "
                 "collection_http_pattern / id_map, or set offline = true to serve from the cache"
@@ -343,6 +332,7 @@ class ZooSource(ModelSource):
     def _opener(self, ref: str, name: str, fd: Any, root: Any) -> Any:
         """Open one listed file with bioimageio.spec's reader: downloads with progress lines,
         retries on a dropped connection, one clear error otherwise."""
+        from bioimageio.spec._internal.io import get_reader
         from bioimageio.spec._internal.validation_context import ValidationContext
 
         def open_file() -> Any:
@@ -360,13 +350,13 @@ class ZooSource(ModelSource):
                         progressbar=lambda: ProgressLine(self._say, ref),
                     ):
                         # the cache checks the sha256 itself (naming the file); ask for none here
-                        return _reader(fd)
+                        return get_reader(fd.source, sha256=None)
                 except Exception as exc:  # noqa: BLE001
                     # bioimageio.spec's fetch makes 3 attempts and then reports only that they
                     # are exhausted; the time taken tells timeouts apart, a HEAD request 404s
                     gave_up = "retries exhausted" in str(exc)
                     elapsed = time.monotonic() - started
-                    if _timeout_in(exc) or (gave_up and elapsed >= 2.5 * timeout):
+                    if _network_error(exc) == "timeout" or (gave_up and elapsed >= 2.5 * timeout):
                         raise ModelError(
                             f"{ref}: downloading {name} from {url} took longer than "
                             f"{timeout:g} s without data, 3 times ({SECTION} http_timeout)"
@@ -377,7 +367,7 @@ class ZooSource(ModelSource):
                             f"{ref}: cannot download {name}: {url} answers HTTP {status}"
                         ) from None
                     cause = "the connection failed 3 times" if gave_up else _first_line(exc)
-                    if (gave_up or _is_transport_error(exc)) and attempt + 1 < tries:
+                    if (gave_up or _network_error(exc) == "transport") and attempt + 1 < tries:
                         self._say(f"{ref}: {name}: {cause}; retrying")
                         continue
                     raise ModelError(
@@ -391,9 +381,7 @@ class ZooSource(ModelSource):
 
 def _url_of(fd: Any) -> str:
     """The http(s) URL a file descriptor downloads from ('' for a file inside a zip)."""
-    source = fd.source
-    absolute = source.absolute() if hasattr(source, "absolute") else source
-    text = str(absolute)
+    text = str(fd.source.absolute() if hasattr(fd.source, "absolute") else fd.source)
     return text if text.startswith(("http://", "https://")) else ""
 
 
@@ -405,12 +393,6 @@ def _status(url: str, timeout: float) -> int | None:
         return httpx.head(url, timeout=timeout, follow_redirects=True).status_code
     except httpx.HTTPError:
         return None
-
-
-def _reader(fd: Any) -> Any:
-    from bioimageio.spec._internal.io import get_reader
-
-    return get_reader(fd.source, sha256=None)
 
 
 __all__ = ["ZooSource", "ZooSourceSettings"]
