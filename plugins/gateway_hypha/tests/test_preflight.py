@@ -71,3 +71,45 @@ def test_an_embedded_port_in_use_is_named(tmp_path):
         assert bad.returncode == 2
         assert f"cannot listen on 127.0.0.1:{port}" in bad.stderr
         assert "choose a free [gateways] port" in bad.stderr
+
+
+def test_a_token_the_server_rejects_is_named_before_anything_starts(
+    hypha_server, tmp_path, monkeypatch
+):
+    """A malformed (or expired, revoked) token is found by config check, not after Triton ran."""
+    gateway = f'server_url = "{hypha_server.url}"\ntoken_env = "SITE_HYPHA_TOKEN"'
+    path = site(tmp_path, gateway)
+    bad = run_cli("config", "check", "--config", path, env={"SITE_HYPHA_TOKEN": "forged.tok.en"})
+    assert bad.returncode == 2, bad.stderr
+    assert f"the Hypha server at {hypha_server.url} refused the token (" in bad.stderr
+    assert "put a valid token in environment variable SITE_HYPHA_TOKEN (token_env)" in bad.stderr
+    assert "forged.tok.en" not in bad.stderr and "Traceback" not in bad.stderr
+    offline = run_cli(
+        "config", "check", "--offline", "--config", path, env={"SITE_HYPHA_TOKEN": "forged.tok.en"}
+    )
+    assert offline.returncode == 0, offline.stderr
+    good = run_cli(
+        "config", "check", "--config", path, env={"SITE_HYPHA_TOKEN": hypha_server.root_token}
+    )
+    assert good.returncode == 0, good.stderr
+
+
+def test_a_token_file_the_server_rejects_names_the_file(hypha_server, tmp_path):
+    (tmp_path / "hypha.token").write_text("forged.tok.en\n")
+    path = site(tmp_path, f'server_url = "{hypha_server.url}"\ntoken_file = "hypha.token"')
+    bad = run_cli("config", "check", "--config", path)
+    assert bad.returncode == 2
+    assert "put a valid token in file hypha.token (token_file)" in bad.stderr, bad.stderr
+
+
+def test_embedded_mode_without_the_hypha_server_says_what_to_install(tmp_path):
+    """As on a host where only the client was installed (`hypha` is not importable)."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['hypha'] = None\n")
+    path = site(tmp_path, "embedded = true")
+    bad = run_cli("config", "check", "--offline", "--config", path, env={"PYTHONPATH": str(hide)})
+    assert bad.returncode == 2, bad.stderr
+    assert "embedded = true needs the Hypha server" in bad.stderr
+    assert "pip install 'bioengine-gateway-hypha[server]'" in bad.stderr
+    assert run_cli("config", "check", "--offline", "--config", path).returncode == 0
