@@ -235,6 +235,14 @@ def test_pull_fills_the_cache_and_offline_mode_serves_from_it(tmp_path):
         offline.resolve("bioimageio:affable-shark", cache_dir=tmp_path / "state" / "sources")
     assert "bioimageio:affable-shark is not in the model cache" in str(info.value)
     assert "`bioengine models pull bioimageio:affable-shark`" in str(info.value)
+    # not offline, but the zoo cannot be reached: the cached copy serves, and says so
+    lines: list[str] = []
+    ctx.progress = lines.append
+    online = ZooSource(ZooSourceSettings(**settings, http_timeout=2), ctx)
+    assert online.resolve("bioimageio:tiny-affine", cache_dir=tmp_path / "state" / "sources") == (
+        folder
+    )
+    assert any("unreachable" in line and "using the cached copy" in line for line in lines)
 
 
 def test_settings_are_validated_naming_the_key(zoo, tmp_path):
