@@ -85,3 +85,13 @@ def test_bad_range_and_missing_binaries_are_named(tmp_path):
     result = run_cli("config", "check", "--config", str(site))
     assert result.returncode == 2
     assert "no singularity command is on PATH" in result.stderr
+
+
+def test_config_check_names_the_key_of_a_bad_range(tmp_path):
+    site = tmp_path / "site.toml"
+    for value in ("9100", "9199-9100", "80-90"):
+        site.write_text(f'[executor]\nkind = "local"\nport_range = "{value}"\n')
+        result = run_cli("config", "check", "--offline", "--config", str(site))
+        assert result.returncode == 2
+        assert f"[executor] key 'port_range' = '{value}'" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
