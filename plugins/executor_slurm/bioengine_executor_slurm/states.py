@@ -92,10 +92,6 @@ UNSATISFIABLE_REASONS = {
     "(check [executor] account and partition)",
     "QOSNotAllowed": "the QOS may not be used on this partition "
     "(check [executor] qos and partition)",
-    "ReqNodeNotAvail": "a required node is not available (down, drained or reserved)",
-    "PartitionDown": "the partition is down",
-    "PartitionInactive": "the partition is inactive",
-    "NodeDown": "a required node is down",
 }
 # Pending reasons that waiting resolves.
 WAIT_REASONS = {
@@ -106,6 +102,12 @@ WAIT_REASONS = {
     "JobHeldUser": "held by a user (scontrol release)",
     "JobHeldAdmin": "held by an administrator",
     "None": "waiting to be scheduled",
+    # maintenance and outages end: wait (up to [engine] ready_timeout) rather than give up
+    "ReqNodeNotAvail": "a required node is not available now (down, drained or reserved); "
+    "the job starts when it returns",
+    "PartitionDown": "the partition is down (maintenance?); the job starts when it is up",
+    "PartitionInactive": "the partition is inactive; the job starts when it is active",
+    "NodeDown": "a required node is down; the job starts when it returns",
 }
 # Why Slurm says a job failed, in words (the reason of an ended job).
 REASON_HINTS = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from bioengine_executor_slurm.slurm import Job
 from bioengine_executor_slurm.states import (
     ALIVE_STATES,
@@ -66,3 +67,20 @@ def test_ended_message_has_state_exit_code_reason_and_launcher_words() -> None:
     )
     timeout = Job("7", "n", "COMPLETING", start_time=100.0, end_time=700.0, time_limit_s=600.0)
     assert "at its Slurm time limit (TIMEOUT)" in ended_message(timeout, None)
+
+
+@pytest.mark.parametrize("reason", ["ReqNodeNotAvail", "PartitionDown", "NodeDown"])
+def test_maintenance_and_outages_are_waited_for_not_given_up(reason):
+    """A drained node or a partition down for maintenance ends: serve waits (ready_timeout)."""
+    from bioengine_executor_slurm.states import pending_message
+
+    message, can_wait = pending_message(reason)
+    assert can_wait is True and "will not start" not in message
+    assert "starts when" in message
+
+
+def test_a_request_that_never_fits_is_given_up():
+    from bioengine_executor_slurm.states import pending_message
+
+    message, can_wait = pending_message("PartitionConfig")
+    assert can_wait is False and "will not start" in message
