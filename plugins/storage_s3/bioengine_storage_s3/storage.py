@@ -302,8 +302,20 @@ class S3Storage(Storage):
             "or fix [storage] bucket"
         )
 
+    def _not_s3(self) -> str:
+        """Cause and fix of an endpoint whose 404 answers carry no S3 error code."""
+        return (
+            f"the server at {self._endpoint()} answers HTTP 404 without an S3 error code: it "
+            "is not an S3 API; check [storage] endpoint_url (the S3 port, e.g. MinIO's API "
+            "port rather than its console, SeaweedFS's -s3.port rather than its master or filer)"
+        )
+
     def _hint(self, code: str, operation: str) -> str:
         """Cause and fix of an S3 error code an operator can cause ("" when none is known)."""
+        if code == "404" and not operation.startswith("Head"):
+            # S3 answers every refused GET/PUT/LIST with an XML error code (NoSuchBucket,
+            # NoSuchKey); a bare 404 comes from a web page, a console or another service.
+            return self._not_s3()
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
             return f"credentials refused: check {self._credential_settings()}"
         if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
@@ -312,9 +324,7 @@ class S3Storage(Storage):
                 f"or the bucket policy (this user needs list, read and write on "
                 f"s3://{self.bucket}/{self.prefix})"
             )
-        if code == "NoSuchBucket" or (
-            code in ("404", "NotFound") and operation in ("HeadBucket", "ListObjectsV2")
-        ):
+        if code == "NoSuchBucket" or (code in ("404", "NotFound") and operation == "HeadBucket"):
             return self._missing_bucket()
         if code in ("NoSuchKey", "404", "NotFound"):
             return (
@@ -345,15 +355,16 @@ class S3Storage(Storage):
             try:
                 self._client.head_bucket(Bucket=self.bucket)
             except botocore.exceptions.ClientError as exc:
-                if self._status(exc) != 403:
+                if self._status(exc) not in (403, 404):
                     raise
                 # HEAD answers carry no error code: a listing says which refusal it is
-                # (SignatureDoesNotMatch, InvalidAccessKeyId, AccessDenied).
+                # (SignatureDoesNotMatch, InvalidAccessKeyId, AccessDenied), and whether a
+                # 404 is S3's NoSuchBucket or a server that is not S3 at all.
             operation = "ListObjectsV2"
             self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix + "/", MaxKeys=1)
         except botocore.exceptions.ClientError as exc:
             code = self._code(exc) or str(self._status(exc))
-            if code in ("404", "NoSuchBucket", "NotFound") and self.settings.create_bucket:
+            if code in ("NoSuchBucket", "NotFound") and self.settings.create_bucket:
                 return []  # serve creates it
             return [str(self._error(exc, operation))]
         except (botocore.exceptions.BotoCoreError, boto3.exceptions.Boto3Error) as exc:
@@ -446,7 +457,9 @@ class S3Storage(Storage):
                 self._client.head_bucket(Bucket=self.bucket)
             except botocore.exceptions.ClientError as exc:
                 code = self._code(exc) or str(self._status(exc))
-                if code == "403":
+                if code == "404" and not self._bucket_missing():
+                    pass  # the listing found it (created meanwhile)
+                elif code == "403":
                     # A HEAD answer has no error code: a listing says which refusal it is
                     # (or succeeds, when only HeadBucket is refused: then the bucket is usable).
                     self._call(
@@ -468,6 +481,20 @@ class S3Storage(Storage):
             except _ERRORS as exc:
                 raise self._error(exc, "HeadBucket") from exc
             self._bucket_checked = True
+
+    def _bucket_missing(self) -> bool:
+        """After a HeadBucket 404 (a HEAD answer has no error code): True when a listing says
+        NoSuchBucket, False when it lists; S3StorageError otherwise, e.g. for an endpoint that
+        is not an S3 API (a bare 404)."""
+        try:
+            self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix + "/", MaxKeys=1)
+        except botocore.exceptions.ClientError as exc:
+            if self._code(exc) == "NoSuchBucket":
+                return True
+            raise self._error(exc, "ListObjectsV2") from exc
+        except _ERRORS as exc:
+            raise self._error(exc, "ListObjectsV2") from exc
+        return False
 
     def _create_bucket(self) -> None:
         """Create the missing bucket (`create_bucket = true`); one that appeared meanwhile is fine."""

@@ -126,6 +126,63 @@ def test_no_server_at_the_endpoint_names_endpoint_url(seaweed, prefix, tmp_path,
     assert offline.returncode == 0, offline.stderr
 
 
+@pytest.fixture
+def web_server():
+    """A plain HTTP server answering 404 to everything, as a web page, an S3 console or
+    SeaweedFS's master port does: what an operator reaches with the wrong port."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_endpoint_that_is_not_s3_is_named_not_taken_for_a_missing_bucket(
+    seaweed, web_server, prefix, tmp_path, creds, make_storage
+):
+    """A 404 without S3's error code (the wrong port) names endpoint_url, not the bucket; with
+    create_bucket too, and serve's storage never tries to create a bucket there."""
+    from bioengine_storage_s3 import S3StorageError
+
+    path = site(tmp_path, seaweed, prefix, endpoint_url=web_server)
+    for create in (False, True):
+        if create:
+            path.write_text(
+                path.read_text().replace('kind = "s3"\n', 'kind = "s3"\ncreate_bucket = true\n')
+            )
+        bad = run_cli("config", "check", "--config", str(path), env=creds)
+        assert bad.returncode == 2, bad.stdout
+        line = next(x for x in bad.stderr.splitlines() if "[storage]" in x)
+        assert f"the server at {web_server} answers HTTP 404 without an S3 error code" in line
+        assert "not an S3 API" in line and "[storage] endpoint_url" in line
+        assert "does not exist" not in line and "create it" not in line
+
+    storage = make_storage(seaweed, prefix, endpoint_url=web_server, create_bucket=True)
+    sent: list[str] = []
+    storage.client.meta.events.register(
+        "before-call.s3", lambda model, **_: sent.append(model.name)
+    )
+    with pytest.raises(S3StorageError, match="not an S3 API"):
+        storage.list()
+    assert "CreateBucket" not in sent, sent
+
+
 def test_the_example_passes_online_against_the_test_server(seaweed):
     """plugins/storage_s3/examples/s3.toml as docs/s3.md runs it: config check contacts the
     bucket (the example has create_bucket = true, so a missing bucket is fine)."""
