@@ -210,7 +210,11 @@ def _s3_client(settings: S3StorageSettings, creds: dict[str, str], *, quick: boo
         verify=settings.verify_tls,
         config=Config(
             s3={"addressing_style": "path" if settings.path_style() else "auto"},
-            retries={"max_attempts": 1 if quick else settings.max_attempts, "mode": "standard"},
+            # total_max_attempts counts the first try (botocore's max_attempts counts retries only)
+            retries={
+                "total_max_attempts": 1 if quick else settings.max_attempts,
+                "mode": "standard",
+            },
             **extra,
             max_pool_connections=max(10, 2 * settings.max_concurrency),
             # Only checksums the server asked for: on-site S3 servers vary in support.

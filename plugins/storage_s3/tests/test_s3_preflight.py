@@ -126,31 +126,82 @@ def test_no_server_at_the_endpoint_names_endpoint_url(seaweed, prefix, tmp_path,
     assert offline.returncode == 0, offline.stderr
 
 
+class PlainServer:
+    """A real HTTP server on a free port that answers every request with `status` and no body
+    (or, with status 0, accepts connections and never answers); counts what reaches it."""
+
+    def __init__(self, status: int):
+        import socket
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests = 0
+        self.connections = 0
+        outer = self
+
+        class Answer(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                outer.requests += 1
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        if status:
+            self._http = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+            port = self._http.server_address[1]
+            threading.Thread(target=self._http.serve_forever, daemon=True).start()
+        else:
+            self._http = None
+            self._sock = socket.create_server(("127.0.0.1", 0))
+            self._held: list[socket.socket] = []
+            port = self._sock.getsockname()[1]
+            threading.Thread(target=self._hold, daemon=True).start()
+        self.url = f"http://127.0.0.1:{port}"
+
+    def _hold(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._held.append(conn)
+
+    def close(self) -> None:
+        """Stop serving."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        else:
+            self._sock.close()
+            for conn in self._held:
+                conn.close()
+
+
 @pytest.fixture
-def web_server():
-    """A plain HTTP server answering 404 to everything, as a web page, an S3 console or
-    SeaweedFS's master port does: what an operator reaches with the wrong port."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+def plain_server():
+    """`plain_server(status)`: a PlainServer, closed after the test."""
+    made: list[PlainServer] = []
 
-    class NotFound(BaseHTTPRequestHandler):
-        def _answer(self) -> None:
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+    def make(status: int) -> PlainServer:
+        made.append(PlainServer(status))
+        return made[-1]
 
-        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _answer
+    yield make
+    for server in made:
+        server.close()
 
-        def log_message(self, *args) -> None:
-            pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+@pytest.fixture
+def web_server(plain_server) -> str:
+    """A web server answering 404 to everything, as a web page, an S3 console or SeaweedFS's
+    master port does: what an operator reaches with the wrong port."""
+    return plain_server(404).url
 
 
 def test_an_endpoint_that_is_not_s3_is_named_not_taken_for_a_missing_bucket(
@@ -181,6 +232,34 @@ def test_an_endpoint_that_is_not_s3_is_named_not_taken_for_a_missing_bucket(
     with pytest.raises(S3StorageError, match="not an S3 API"):
         storage.list()
     assert "CreateBucket" not in sent, sent
+
+
+def test_a_server_that_never_answers_is_tried_once_with_a_short_timeout(
+    seaweed, plain_server, prefix, tmp_path, creds
+):
+    """The check gives up after one try (no retry storm) and names endpoint_url."""
+    silent = plain_server(0)
+    path = site(tmp_path, seaweed, prefix, endpoint_url=silent.url)
+    bad = run_cli("config", "check", "--config", str(path), env=creds, timeout=60)
+    assert bad.returncode == 2, bad.stdout
+    line = next(x for x in bad.stderr.splitlines() if "[storage]" in x)
+    assert f"the S3 server at {silent.url} accepted the connection but did not answer" in line
+    assert "[storage] endpoint_url" in line
+    assert silent.connections == 1
+
+
+def test_max_attempts_is_the_number_of_requests_and_5xx_names_the_server(
+    seaweed, plain_server, prefix, make_storage
+):
+    """`max_attempts = 3`: three requests, not three retries; then one line blaming the server."""
+    from bioengine_storage_s3 import S3StorageError
+
+    failing = plain_server(503)
+    storage = make_storage(seaweed, prefix, endpoint_url=failing.url, max_attempts=3)
+    with pytest.raises(S3StorageError) as failed:
+        storage.list()
+    assert f"the S3 server at {failing.url} failed on its side" in str(failed.value)
+    assert failing.requests == 3
 
 
 def test_the_example_passes_online_against_the_test_server(seaweed):
