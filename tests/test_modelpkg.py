@@ -13,7 +13,7 @@ from bioengine_core.errors import InvalidInputError, ModelError
 from bioengine_core.modelpkg import has_processing, load_package, validate_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
-UNET = ROOT / "models" / "unet2d_nuclei_broad"
+UNET = (ROOT / "models" / "unet2d_nuclei_broad").resolve()  # models/ links into the package
 
 
 def _variant(tmp_path: Path, edit, name: str = "variant") -> Path:
