@@ -39,7 +39,14 @@ from .script import (
 )
 from .settings import SlurmSettings
 from .slurm import Job, SlurmCLI, sbatch_hint
-from .states import ended_message, pending_message, translate
+from .states import (
+    OUTSIDE,
+    ended_message,
+    pending_message,
+    signalled,
+    translate,
+    why_completing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +316,7 @@ class SlurmExecutor(Executor):
                 job_id,
                 ReplicaState.FAILED,
                 message=f"Slurm job {job_id} ended and is no longer known to Slurm"
+                + (f" ({OUTSIDE})" if exit_info and signalled(exit_info) else "")
                 + (f"; launcher: {why}" if why else ""),
                 details=self._details(job_id, None),
             )
@@ -325,8 +333,14 @@ class SlurmExecutor(Executor):
         """A running job whose Triton does not answer ready: STARTING, or FAILED once the
         launcher reported that Triton ended."""
         if exit_info is not None:
+            # Slurm may still say RUNNING for a moment after scancel: the launcher's record
+            # (stopped by a signal BioEngine did not send) already tells why it is ending.
+            why = why_completing(job, exit_info)
             return self._status(
-                job, ReplicaState.FAILED, f"Triton ended: {exit_info.get('reason', '')}"
+                job,
+                ReplicaState.FAILED,
+                f"Slurm job {job.job_id} {job.state}: {why}; launcher: "
+                f"{exit_info.get('reason', '')}",
             )
         meaning = translate(job.state)
         endpoint = self._endpoint(job.job_id)

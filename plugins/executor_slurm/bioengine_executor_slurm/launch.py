@@ -336,7 +336,14 @@ class Launcher:
         remove_container(self.args)
         write_json(
             self.exit_file,
-            {"job_id": self.job_id, "exit_code": code, "reason": reason, "ended_at": time.time()},
+            {
+                "job_id": self.job_id,
+                "exit_code": code,
+                "reason": reason,
+                # the signal the job received (scancel, time limit, preemption), if any
+                "stopped_by": signal.Signals(self.stop_signal).name if self.stop_signal else None,
+                "ended_at": time.time(),
+            },
         )
         log(reason)
         return code

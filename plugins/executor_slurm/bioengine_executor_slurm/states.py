@@ -8,6 +8,7 @@ a state the table does not know has ended. Pending reasons say whether waiting c
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from bioengine_core.contracts import ReplicaState
@@ -134,18 +135,27 @@ def pending_message(reason: str) -> tuple[str, bool]:
     return message, can_wait
 
 
+OUTSIDE = (
+    "cancelled outside BioEngine (scancel by a user, an administrator or a policy) or preempted"
+)
+
+
+def signalled(exit_info: dict[str, Any]) -> bool:
+    """Whether the launcher's exit record says the job was sent a signal (scancel, preemption,
+    time limit) rather than its Triton ending on its own."""
+    return bool(exit_info.get("stopped_by")) or "stopped by" in exit_info.get("reason", "")
+
+
 def why_completing(job: Job, exit_info: dict[str, Any] | None) -> str:
     """Why a job BioEngine did not stop is ending, before Slurm shows its final state."""
     limit_end = (job.start_time or 0) + (job.time_limit_s or 0)
-    if job.time_limit_s and job.end_time and job.end_time >= limit_end - 2:
+    # A job Slurm still shows RUNNING has its planned end as end_time: judge by the clock.
+    ended = time.time() if job.state == "RUNNING" else job.end_time
+    if job.time_limit_s and ended and ended >= limit_end - 2:
         return "the job is ending at its Slurm time limit (TIMEOUT)"
-    reason = (exit_info or {}).get("reason", "")
-    if exit_info is not None and "signal" not in reason:
+    if exit_info is not None and not signalled(exit_info):
         return "the job is ending because its Triton ended"
-    return (
-        "the job is ending without BioEngine stopping it: cancelled outside BioEngine "
-        "(scancel by a user, an administrator or a policy) or preempted"
-    )
+    return f"the job is ending without BioEngine stopping it: {OUTSIDE}"
 
 
 def ended_message(job: Job, exit_info: dict[str, Any] | None) -> str:

@@ -10,6 +10,7 @@ from bioengine_executor_slurm.states import (
     ended_message,
     pending_message,
     translate,
+    why_completing,
 )
 
 from bioengine_core.contracts import ReplicaState
@@ -84,3 +85,18 @@ def test_a_request_that_never_fits_is_given_up():
 
     message, can_wait = pending_message("PartitionConfig")
     assert can_wait is False and "will not start" in message
+
+
+def test_a_job_slurm_still_shows_running_after_an_outside_scancel_is_explained() -> None:
+    """scancel makes the launcher record the signal before squeue leaves RUNNING: the replica's
+    message must say it was cancelled outside BioEngine, not blame the time limit (a running
+    job's end_time is its planned end) or Triton."""
+    import time
+
+    now = time.time()
+    job = Job("7", "x.1", "RUNNING", start_time=now - 60, end_time=now + 3540, time_limit_s=3600)
+    signalled = {"reason": "stopped by SIGTERM (job cancelled, or its time limit reached)"}
+    assert "cancelled outside BioEngine" in why_completing(job, signalled)
+    assert "Triton ended" in why_completing(job, {"reason": "tritonserver exited with code 1"})
+    at_limit = Job("8", "x.1", "RUNNING", start_time=now - 3600, time_limit_s=3600)
+    assert "time limit" in why_completing(at_limit, signalled)
