@@ -28,6 +28,7 @@ class ServedModel:
     entry: ModelEntry
     requests: int = 0
     errors: int = 0
+    inflight: int = 0  # requests being answered now (a busy model is never unloaded)
 
     def info(self) -> ModelInfo:
         """What `list_models()` says about it."""
@@ -98,6 +99,17 @@ class ModelCatalog:
             f"published to {self.storage.location().uri}"
         )
         return ServedModel(built.name, package, built, entry)
+
+    def prepare_ref(self, scheme: str, model_id: str) -> ServedModel:
+        """Prepare the model `scheme:model_id` under that id (catalog mode's loads)."""
+        return self.prepare(ModelEntry(source=f"{scheme}:{model_id}", id=model_id))
+
+    def listing(self, scheme: str) -> list[dict[str, Any]]:
+        """What the source for `scheme` offers (its collection); ModelError when unknown."""
+        source = self.sources.get(scheme)
+        if source is None:
+            raise ModelError(f"no model source handles {scheme!r}")
+        return source.listing(cache_dir=self.state_dir / "sources")
 
     def add(self, served: ServedModel, *, replace: bool = False) -> None:
         """Serve `served`; ModelError when its id is taken (and `replace` is not set)."""

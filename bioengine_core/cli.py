@@ -12,6 +12,7 @@ import time
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -187,7 +188,9 @@ def serve(
         cfg,
         plugins(),
         progress=lambda msg: err.print(
-            f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}", highlight=False, soft_wrap=True
+            f"[dim]{time.strftime('%H:%M:%S')}[/dim] {escape(msg)}",
+            highlight=False,
+            soft_wrap=True,
         ),
     )
     try:

@@ -297,9 +297,38 @@ def _render_status(data: dict, wide: bool = False) -> None:
             m["id"], m["weight_format"], m["backend"], str(m["requests"]), str(m["errors"])
         )
     console.print(models)
+    if data.get("catalog"):
+        _render_catalog(data["catalog"])
     gws = Table(title="gateways")
     for col in ("name", "kind", "url", "state"):
         gws.add_column(col)
     for name, g in data.get("gateways", {}).items():
         gws.add_row(name, str(g.get("kind", "")), str(g.get("url", "")), str(g.get("state", "")))
     console.print(gws)
+
+
+def _render_catalog(cat: dict) -> None:
+    """Catalog mode: the budget, every model requested so far with its state, recent unloads."""
+    budget = cat.get("max_loaded") or "no limit"
+    console.print(
+        f"catalog ({cat.get('source')}): {cat.get('loaded')} loaded (max_loaded {budget}), "
+        f"{cat.get('offered')} in the collection"
+        + (f"; listing: {cat['listing_error']}" if cat.get("listing_error") else ""),
+        highlight=False,
+    )
+    table = Table(title="catalog models")
+    for col in ("id", "state", "loads", "unloads", "idle", "detail"):
+        table.add_column(col, overflow="fold" if col == "detail" else "ellipsis")
+    for m in cat.get("models", []):
+        idle = m.get("idle_s")
+        table.add_row(
+            m["id"],
+            m["state"],
+            str(m.get("loads", 0)),
+            str(m.get("unloads", 0)),
+            human_duration(idle) if idle is not None else "-",
+            (m.get("reason") or "")[:200],
+        )
+    console.print(table)
+    for line in cat.get("events", [])[-5:]:
+        console.print(line, highlight=False, markup=False)

@@ -162,3 +162,80 @@ def _plugins() -> object:
     from .cli_common import plugins
 
     return plugins()
+
+
+def _show(rows: list[dict], as_json: bool, title: str) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    table = Table(title=title)
+    for col in ("id", "state", "name", "tags"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        state = r.get("state", "")
+        if r.get("reason") and state == "failed":
+            state += f": {r['reason'][:80]}"
+        table.add_row(r["id"], state, r.get("name", ""), ", ".join(r.get("tags", [])[:6]))
+    console.print(table)
+    if not rows:
+        err.print("no model matches", highlight=False)
+
+
+def _search(query: str, url: str | None, config: Path | None, limit: int) -> list[dict]:
+    """GET /bioengine/models?q=...; one-line error and exit 2 when the gateway cannot answer."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from .cli_client import _auth_headers, _gateway_url, _token
+
+    base = _gateway_url(url, config)
+    query_string = urllib.parse.urlencode({"q": query, "limit": limit})
+    request = urllib.request.Request(
+        f"{base}/bioengine/models?{query_string}", headers=_auth_headers(_token(None))
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            reason = json.loads(exc.read()).get("error", "")
+        except ValueError:
+            reason = ""
+        err.print(f"error: {base} answered {exc.code}: {reason}", markup=False)
+    except (OSError, ValueError) as exc:
+        err.print(f"error: no BioEngine answers at {base} ({exc})", markup=False)
+    raise typer.Exit(2)
+
+
+UrlOpt = Annotated[
+    str | None, typer.Option(help="Gateway URL (default: the HTTP gateway of --config).")
+]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="site.toml")]
+LimitOpt = Annotated[int, typer.Option(min=1, max=1000, help="Most rows to show.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+@models_app.command("search")
+def search(
+    query: Annotated[list[str], typer.Argument(help="Words that must all appear.")],
+    url: UrlOpt = None,
+    config: ConfigOpt = None,
+    limit: LimitOpt = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find models a deployment offers by words in their id, name, description or tags; in
+    catalog mode this covers the whole allowed collection, loaded or not (the state column).
+
+    Example: bioengine models search nuclei segmentation --url http://127.0.0.1:9000
+    """
+    _show(_search(" ".join(query), url, config, limit), as_json, "models")
+
+
+@models_app.command("list")
+def list_models(
+    url: UrlOpt = None, config: ConfigOpt = None, limit: LimitOpt = 1000, as_json: JsonOpt = False
+) -> None:
+    """List the models a deployment offers with their state (ready, available, loading,
+    failed). Example: bioengine models list --config site.toml"""
+    _show(_search("", url, config, limit), as_json, "models")

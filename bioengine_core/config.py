@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .catalogmode import CatalogSettings, check_catalog
 from .contracts import BackendContext, BackendSettings, BackendType, ReplicaSpec, RepositoryLocation
 from .errors import ConfigError
 from .plugins import PluginManager
@@ -91,6 +92,7 @@ class _Sections(BaseSettings):
     gateways: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"http": {}})
     sources: dict[str, dict[str, Any]] = Field(default_factory=dict)
     models: list[ModelEntry] = Field(default_factory=list)
+    catalog: CatalogSettings = Field(default_factory=CatalogSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -126,6 +128,7 @@ class SiteConfig:
     sources: dict[str, Backend]
     models: list[ModelEntry]
     raw: dict[str, Any] = field(default_factory=dict)
+    catalog: CatalogSettings = field(default_factory=CatalogSettings)
 
     @property
     def config_dir(self) -> Path:
@@ -169,6 +172,7 @@ class SiteConfig:
             "gateways": {k: g.settings.model_dump(mode="json") for k, g in self.gateways.items()},
             "sources": {k: s.settings.model_dump(mode="json") for k, s in self.sources.items()},
             "models": [m.model_dump() for m in self.models],
+            "catalog": self.catalog.model_dump(),
         }
 
 
@@ -290,8 +294,8 @@ class _Backends:
                 self.build("source", f"sources.{name}", configured[name], name)
         return found
 
-    def check_models(self, models: list[ModelEntry]) -> None:
-        """Each model's scheme has a source; no id is used twice."""
+    def check_models(self, models: list[ModelEntry], catalog: CatalogSettings) -> None:
+        """Each model's scheme has a source; no id is used twice; `[catalog]` is consistent."""
         schemes = {
             scheme
             for name in self.plugins.names("source")
@@ -311,6 +315,7 @@ class _Backends:
             self.problems.append(
                 f"{self.label}: [models] id {dup!r} is used by more than one model"
             )
+        self.problems.extend(check_catalog(catalog, schemes, self.label))
 
 
 def load_config(
@@ -333,7 +338,7 @@ def load_config(
         for name, raw in sections.gateways.items()
     }
     sources = backends.sources(sections.sources)
-    backends.check_models(sections.models)
+    backends.check_models(sections.models, sections.catalog)
     if backends.problems:
         raise ConfigError("\n".join(backends.problems), problems=backends.problems)
     return SiteConfig(
@@ -345,6 +350,7 @@ def load_config(
         sources=sources,  # type: ignore[arg-type]
         models=sections.models,
         raw=data,
+        catalog=sections.catalog,
     )
 
 
@@ -373,5 +379,6 @@ def config_schema(plugins: PluginManager | None = None) -> dict[str, Any]:
             "gateways": {"type": "object", "additionalProperties": one_of("gateway")},
             "sources": {"type": "object", "additionalProperties": one_of("source")},
             "models": {"type": "array", "items": ModelEntry.model_json_schema()},
+            "catalog": CatalogSettings.model_json_schema(),
         },
     }

@@ -292,6 +292,11 @@ class ModelSource(ABC):
     def resolve(self, ref: str, *, cache_dir: Path) -> Path:
         """Return a directory holding the package's `rdf.yaml`/`bioimageio.yaml`; ModelError if not."""
 
+    def listing(self, *, cache_dir: Path) -> list[dict[str, Any]]:
+        """The models this source offers (id, name, description, tags, versions), for catalog
+        mode's search; [] for a source that cannot list (a folder, a single URL)."""
+        return []
+
 
 # --------------------------------------------------------------------------- gateway
 
@@ -325,6 +330,25 @@ class Service(ABC):
     @abstractmethod
     def model_ids(self) -> list[str]:
         """Ids of the served models, sorted (cheap: for routing checks)."""
+
+    async def ensure_model(self, model_id: str) -> None:
+        """Return once `model_id` can be served: in catalog mode an allowed model is loaded
+        first (the caller waits); ModelNotFoundError (404) for a model not offered here."""
+        if model_id not in self.model_ids():
+            from .errors import ModelNotFoundError
+
+            raise ModelNotFoundError(model_id, self.model_ids())
+
+    def search_models(self, query: str = "", limit: int = 50) -> list[dict[str, Any]]:
+        """Models offered here (in catalog mode: the whole allowed collection, loaded or not)
+        whose id, name, description or tags contain every word of `query`; each with `state`."""
+        words = query.lower().split()
+        found = []
+        for info in self.list_models():
+            text = " ".join([info.id, info.name, info.description, *info.tags]).lower()
+            if all(w in text for w in words):
+                found.append({**info.__dict__, "state": "ready"})
+        return found[:limit]
 
     @abstractmethod
     def get_model(self, model_id: str) -> dict[str, Any]:

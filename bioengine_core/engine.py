@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .catalog import ModelCatalog
+from .catalogmode import CatalogMode
 from .config import SiteConfig
 from .contracts import Executor, Gateway, ModelSource, ReplicaSpec, Storage
 from .metrics import Metrics
@@ -74,6 +75,16 @@ class Engine:
             say=self._say,
             on_ready_count=self.metrics.replicas_ready.set,
         )
+        self._configured_ids: set[str] = set()  # [[models]]: never unloaded by catalog mode
+        self.catalog_mode: CatalogMode | None = None
+        if config.catalog.enabled:
+            self.catalog_mode = CatalogMode(
+                config.catalog,
+                catalog=self.catalog,
+                supervisor=self.supervisor,
+                pinned=lambda: set(self._configured_ids),
+                say=self._say,
+            )
         self.started_at = time.time()
         self.service = EngineService(
             config=config,
@@ -83,6 +94,7 @@ class Engine:
             metrics=self.metrics,
             gateway_info=lambda: {name: g.info() for name, g in self.gateways.items()},
             started_at=self.started_at,
+            catalog_mode=self.catalog_mode,
         )
         self._stopping = asyncio.Event()
         self._supervising: asyncio.Task | None = None
@@ -114,9 +126,19 @@ class Engine:
     async def start(self) -> None:
         """Prepare models, adopt or start replicas, wait until ready, start gateways."""
         for entry in self.config.models:
-            self.catalog.add(await asyncio.to_thread(self.catalog.prepare, entry))
+            served = await asyncio.to_thread(self.catalog.prepare, entry)
+            self.catalog.add(served)
+            self._configured_ids.add(served.id)
         await self.supervisor.start()
         await self.supervisor.wait_ready(min(1, self.supervisor.target))
+        if self.catalog_mode is not None:
+            await self.catalog_mode.refresh_listing()
+            offered = len(self.catalog_mode.listing)
+            self._say(
+                f"catalog: {offered} model(s) in the collection; allowed ones load on request"
+                + (f" (listing: {self.catalog_mode.listing_error})" if not offered else "")
+            )
+            await self.catalog_mode.preload()
         for name, gateway in self.gateways.items():
             await gateway.start(self.service)
             self._say(f"gateway {name}: {gateway.info().get('url', '')}")

@@ -45,6 +45,10 @@ class ModelError(BioEngineError):
     """A model reference cannot be resolved or its package is invalid."""
 
 
+class UnknownModelError(ModelError):
+    """A model source has no model of that id (the zoo answered 'not found')."""
+
+
 class InferenceError(BioEngineError):
     """An inference request failed; `status` is the HTTP status a gateway should answer."""
 
@@ -56,9 +60,12 @@ class InferenceError(BioEngineError):
 class ModelNotFoundError(InferenceError):
     """The requested model is not served here."""
 
-    def __init__(self, model_id: str, available: list[str] | None = None):
-        avail = ", ".join(sorted(available or [])) or "none"
-        super().__init__(f"unknown model '{model_id}' (served models: {avail})", status=404)
+    def __init__(
+        self, model_id: str, available: list[str] | None = None, *, offered: str | None = None
+    ):
+        avail = ", ".join(sorted(available or [])[:50]) or "none"
+        where = f"; it is not offered by {offered}" if offered else ""
+        super().__init__(f"unknown model '{model_id}' (served models: {avail}){where}", status=404)
         self.model_id = model_id
 
 

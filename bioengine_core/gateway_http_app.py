@@ -218,7 +218,14 @@ class HttpGateway(Gateway):
         return web.json_response(data, dumps=lambda d: json.dumps(d, default=str))
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response([m.__dict__ for m in self.service.list_models()])
+        """`?q=WORDS&limit=N`: the models offered here (the whole catalog in catalog mode)."""
+        query = request.query.get("q", "")
+        limit_text = request.query.get("limit", "50")
+        if len(query) > 200 or any(ord(c) < 32 for c in query):
+            return error(400, "q: at most 200 printable characters")
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+            return error(400, "limit: a whole number from 1 to 1000")
+        return web.json_response(self.service.search_models(query, int(limit_text)))
 
     async def scale(self, request: web.Request) -> web.Response:
         body = await small_json(request, self.settings.body_timeout)
@@ -230,7 +237,9 @@ class HttpGateway(Gateway):
         return web.json_response({"replicas": replicas})
 
     async def unload(self, request: web.Request) -> web.Response:
-        model = self._known(request)
+        model = request.match_info["model"]
+        if model not in self.service.model_ids():  # never load a model to unload it
+            raise ModelNotFoundError(model[:100], self.service.model_ids())
         await self.service.unload_model(model)
         log.warning("model %s unloaded through the HTTP gateway", model)
         return web.json_response({"unloaded": model})
@@ -255,12 +264,13 @@ class HttpGateway(Gateway):
             [{"name": m, "version": "1", "state": "READY"} for m in self.service.model_ids()]
         )
 
-    def _known(self, request: web.Request) -> str:
-        """The served model id named in the route (and a valid version, if any)."""
+    async def _known(self, request: web.Request) -> str:
+        """The model id named in the route, served (loaded first in catalog mode), and a valid
+        version, if any."""
         model = request.match_info["model"]
-        served = self.service.model_ids()
-        if model not in served:
-            raise ModelNotFoundError(model[:100], served)
+        if len(model) > 100:
+            raise ModelNotFoundError(model[:100] + "...", self.service.model_ids())
+        await self.service.ensure_model(model)
         version = request.match_info.get("version")
         if version is not None and not _VERSION_RE.fullmatch(version):
             raise InferenceError(
@@ -269,7 +279,7 @@ class HttpGateway(Gateway):
         return model
 
     async def forward_get(self, request: web.Request) -> web.Response:
-        model = self._known(request)
+        model = await self._known(request)
         version = request.match_info.get("version")
         status, data = await self.service.triton_get(
             model,
@@ -295,7 +305,7 @@ class HttpGateway(Gateway):
         return None
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
-        model = self._known(request)
+        model = await self._known(request)
         read = await read_body(
             request, self.settings, self.budget, peek=lambda head: self._early_answer(model, head)
         )

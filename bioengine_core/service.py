@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .catalog import ModelCatalog
+from .catalog import ModelCatalog, ServedModel
+from .catalogmode import CatalogMode
 from .config import ModelEntry, SiteConfig
 from .contracts import ModelInfo, Service
 from .errors import BioEngineError, InferenceError, InvalidInputError
@@ -40,6 +41,7 @@ class EngineService(Service):
         metrics: Metrics,
         gateway_info: Any,
         started_at: float,
+        catalog_mode: CatalogMode | None = None,
     ) -> None:
         self.config = config
         self.catalog = catalog
@@ -48,6 +50,7 @@ class EngineService(Service):
         self.metrics = metrics
         self.gateway_info = gateway_info
         self.started_at = started_at
+        self.catalog_mode = catalog_mode
 
     # ---------------------------------------------------------------- models
     def list_models(self) -> list[ModelInfo]:
@@ -55,6 +58,28 @@ class EngineService(Service):
 
     def model_ids(self) -> list[str]:
         return self.catalog.ids()
+
+    async def ensure_model(self, model_id: str) -> None:
+        if self.catalog_mode is not None:
+            await self.catalog_mode.ensure(model_id)
+        else:
+            self.catalog.get(model_id)
+
+    def search_models(self, query: str = "", limit: int = 50) -> list[dict[str, Any]]:
+        if self.catalog_mode is not None:
+            return self.catalog_mode.search(query, limit)
+        return super().search_models(query, limit)
+
+    async def _acquire(self, model_id: str) -> ServedModel:
+        """The model, loaded (catalog mode) and counted as busy until `_release`."""
+        for _ in range(3):  # an unload may slip between a load and this request's turn
+            await self.ensure_model(model_id)
+            model = self.catalog.models.get(model_id)
+            if model is not None:
+                model.inflight += 1
+                model.requests += 1
+                return model
+        raise InferenceError(f"model '{model_id}' was unloaded while loading; retry", status=503)
 
     def get_model(self, model_id: str) -> dict[str, Any]:
         return self.catalog.get(model_id).package.rdf
@@ -90,21 +115,20 @@ class EngineService(Service):
     ) -> dict[str, np.ndarray]:
         from .modelpkg import validate_inputs
 
-        model = self.catalog.get(model_id)
+        model = await self._acquire(model_id)
         pkg = model.package
-        if isinstance(inputs, (list, tuple)):
-            if len(inputs) != len(pkg.inputs):
-                raise InvalidInputError(
-                    f"model '{model_id}' takes {len(pkg.inputs)} input(s) "
-                    f"({', '.join(t.id for t in pkg.inputs)}), got {len(inputs)}"
-                )
-            inputs = {t.id: np.asarray(a) for t, a in zip(pkg.inputs, inputs, strict=True)}
-        else:
-            inputs = {k: np.asarray(v) for k, v in inputs.items()}
         started = time.perf_counter()
-        model.requests += 1
         status = "ok"
         try:
+            if isinstance(inputs, (list, tuple)):
+                if len(inputs) != len(pkg.inputs):
+                    raise InvalidInputError(
+                        f"model '{model_id}' takes {len(pkg.inputs)} input(s) "
+                        f"({', '.join(t.id for t in pkg.inputs)}), got {len(inputs)}"
+                    )
+                inputs = {t.id: np.asarray(a) for t, a in zip(pkg.inputs, inputs, strict=True)}
+            else:
+                inputs = {k: np.asarray(v) for k, v in inputs.items()}
             validate_inputs(pkg, inputs)
             return await self.router.infer(
                 model_id,
@@ -117,13 +141,13 @@ class EngineService(Service):
             status = "error"
             raise
         finally:
+            model.inflight -= 1
             self.metrics.observe(model_id, status, time.perf_counter() - started)
 
     async def infer_raw(
         self, model_id: str, body: bytes, headers: dict[str, str], *, timeout: float | None = None
     ) -> tuple[int, bytes, dict[str, str]]:
-        model = self.catalog.get(model_id)
-        model.requests += 1
+        model = await self._acquire(model_id)
         started = time.perf_counter()
         status = 500
         try:
@@ -149,6 +173,7 @@ class EngineService(Service):
                 out = {"Content-Type": "application/json"}
             return status, data, out
         finally:
+            model.inflight -= 1
             if status != 200:
                 model.errors += 1
             self.metrics.observe(
@@ -158,7 +183,7 @@ class EngineService(Service):
     async def triton_get(
         self, model_id: str, what: str = "metadata", *, version: int | None = None
     ) -> tuple[int, bytes]:
-        self.catalog.get(model_id)
+        await self.ensure_model(model_id)
         if what not in TRITON_GETS:
             raise InferenceError(f"unknown model endpoint {what[:20]!r}", status=404)
         if version is not None and not 0 <= int(version) < 10**9:
@@ -172,6 +197,7 @@ class EngineService(Service):
         return status, data
 
     async def test_model(self, model_id: str) -> dict[str, Any]:
+        await self.ensure_model(model_id)
         pkg = self.catalog.get(model_id).package
         inputs = {tid: np.load(path) for tid, path in pkg.test_inputs.items()}
         started = time.perf_counter()
@@ -209,6 +235,7 @@ class EngineService(Service):
             "ready_replicas": self.router.ready_count(),
             "replicas": self.supervisor.rows(),
             "models": self.catalog.rows(),
+            **({"catalog": self.catalog_mode.rows()} if self.catalog_mode else {}),
             "gateways": self.gateway_info(),
             "uptime_s": time.time() - self.started_at,
         }

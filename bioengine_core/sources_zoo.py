@@ -6,6 +6,8 @@ Where the zoo lives is configurable (`[sources.bioimageio]`), so a site can poin
 the spec's `collection_http_pattern`, `id_map` and `id_map_draft`, plus the collection listing
 and Zenodo API used for DOIs. bioimageio.spec keeps these in one process-wide settings object,
 so a resolve sets them for its duration under a lock (resolves in one process run one at a time).
+
+Size: the three reference kinds share the spec glue and the error wording, kept in one place.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from .contracts import BackendContext, BackendSettings, ModelSource
-from .errors import ModelError
+from .errors import ModelError, UnknownModelError
 from .modelcache import ModelCache, ProgressLine, RemoteFile, RemotePackage
 
 _SPEC_LOCK = threading.RLock()
@@ -144,6 +146,16 @@ class ZooSource(ModelSource):
         with self._spec_settings(package):
             return cache.store(package)
 
+    def listing(self, *, cache_dir: Path) -> list[dict[str, Any]]:
+        """The models of the collection at `collection_url` (for catalog search)."""
+        from .zoo_listing import fetch_listing
+
+        s = self.settings
+        copy = self.cache(cache_dir).root / "collection.json"
+        return fetch_listing(
+            s.collection_url, copy, timeout=min(s.http_timeout, 30.0), offline=s.offline
+        )
+
     # ------------------------------------------------------------------ spec glue
     def _say(self, line: str) -> None:
         if self.context.progress is not None:
@@ -255,7 +267,7 @@ class ZooSource(ModelSource):
         text = str(exc)
         if "not found in" in text or "404" in text:
             where = s.collection_http_pattern.format(bioimageio_id=source)
-            return ModelError(
+            return UnknownModelError(
                 f"{ref}: no such model in the zoo (not at {where}, not in the id map {s.id_map}; "
                 f"settings {SECTION} collection_http_pattern, id_map)"
             )

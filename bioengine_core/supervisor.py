@@ -62,6 +62,8 @@ class ReplicaSupervisor:
         self.say = say
         self.on_ready_count = on_ready_count
         self.replicas: dict[str, Replica] = {}
+        self.loading = 0  # model loads in flight: Triton answers 'not ready' while one loads
+        self.loaded_at = 0.0  # when the last one ended (a health check may have started before)
         self.target = settings.replicas
         self.strategy: Strategy = (
             PlatformManaged(self) if executor.manages_replicas else SelfManaged(self)
@@ -158,6 +160,11 @@ class ReplicaSupervisor:
     async def apply(self, rep: Replica, status: ReplicaStatus) -> None:
         """Record a replica's new status; route it when ready, unroute it when not."""
         previous = rep.status.state
+        recent = time.monotonic() - self.loaded_at < 2 * self.settings.health_interval + 1
+        if (self.loading or recent) and rep.routed and status.state == ReplicaState.STARTING:
+            # Triton's strict readiness says 'not ready' while a model loads; the replica
+            # still serves its other models, so it stays routed.
+            return
         if status.labels == {} and rep.status.labels:
             status.labels = rep.status.labels
         rep.status = status
@@ -240,11 +247,16 @@ class ReplicaSupervisor:
         if action not in ("load", "unload"):
             raise ValueError(action)
         session = await self.router.session()
-        for route in list(self.router.routes.values()):
-            path = f"/v2/repository/models/{model_id}/{action}"
-            async with session.post(route.url + path) as resp:
-                if resp.status != 200:
-                    raise ExecutorError(f"replica {route.replica_id}: {await resp.text()}")
+        self.loading += 1
+        try:
+            for route in list(self.router.routes.values()):
+                path = f"/v2/repository/models/{model_id}/{action}"
+                async with session.post(route.url + path) as resp:
+                    if resp.status != 200:
+                        raise ExecutorError(f"replica {route.replica_id}: {await resp.text()}")
+        finally:
+            self.loading -= 1
+            self.loaded_at = time.monotonic()
 
     # ---------------------------------------------------------------- reporting
     def rows(self) -> list[dict[str, Any]]:

@@ -176,8 +176,10 @@ class HyphaApi:
 
     # ------------------------------------------------------------------ model runner
     def list_models(self, context: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """The served models: id, name, description, inputs, outputs, weight format, tags."""
-        return [model_info_dict(m) for m in self.service.list_models()]
+        """The models offered: id, name, description, tags, state (ready, available, loading,
+        failed); loaded ones also inputs, outputs and weight format. In catalog mode this is the
+        whole allowed collection."""
+        return [_plain(row) for row in self.service.search_models("", 100_000)]
 
     def search_models(
         self,
@@ -185,24 +187,29 @@ class HyphaApi:
         limit: int = 10,
         context: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
-        """Served models matching any keyword (in id, name, description or tags), best first."""
+        """Models matching any keyword (in id, name, description or tags), best first; in
+        catalog mode the whole allowed collection, each with its state (ready, available...)."""
         if isinstance(keywords, str):
             words = keywords.replace(",", " ").split()
         else:
             words = [str(w) for w in (keywords or [])]
         words = [w.lower() for w in words if w.strip()]
         scored = []
-        for index, info in enumerate(self.service.list_models()):
-            fields = [info.id, info.name, info.description, " ".join(info.tags)]
-            text = " ".join(f.lower() for f in fields if f)
-            score = sum(text.count(w) + (3 if w in info.id.lower() else 0) for w in words)
+        for index, row in enumerate(self.service.search_models("", 100_000)):
+            mid = str(row.get("id", ""))
+            fields = [mid, row.get("name"), row.get("description"), " ".join(row.get("tags", []))]
+            text = " ".join(str(f).lower() for f in fields if f)
+            score = sum(text.count(w) + (3 if w in mid.lower() else 0) for w in words)
             if score or not words:
-                scored.append((-score, index, info))
+                scored.append((-score, index, row))
         scored.sort(key=lambda item: (item[0], item[1]))
-        return [model_info_dict(info) for _, _, info in scored[: max(0, int(limit))]]
+        return [_plain(row) for _, _, row in scored[: max(0, int(limit))]]
 
-    def get_model_rdf(self, model_id: str, context: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The model's bioimage.io description (RDF) as a dict."""
+    async def get_model_rdf(
+        self, model_id: str, context: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The model's bioimage.io description (RDF) as a dict (loaded first in catalog mode)."""
+        await self.service.ensure_model(str(model_id))
         return _plain(self.service.get_model(model_id))
 
     async def infer(
@@ -216,6 +223,7 @@ class HyphaApi:
         """Run a model on numpy arrays (dict keyed by tensor id, or positional list) -> outputs."""
         arrays = normalise_inputs(inputs)
         self._bounded(arrays)
+        await self.service.ensure_model(str(model_id))  # catalog mode: load it first
         if isinstance(arrays, dict):
             self.check_specs(model_id, {k: (a.shape, a.dtype.name) for k, a in arrays.items()})
         else:
@@ -319,10 +327,12 @@ class HyphaApi:
                 declared = [str(t.get("id") or t.get("name")) for t in info.outputs]
         return [k for k in declared if k in outputs] + [k for k in outputs if k not in declared]
 
-    def get_config(
+    async def get_config(
         self, model_name: str = RUNNER_MODEL_NAME, context: dict[str, Any] | None = None, **kw: Any
     ) -> dict[str, Any]:
         """A Triton-style model configuration (name, inputs, outputs) for `model_name`."""
+        if model_name != RUNNER_MODEL_NAME:
+            await self.service.ensure_model(str(model_name))
         if model_name == RUNNER_MODEL_NAME:
             return {
                 "name": RUNNER_MODEL_NAME,
