@@ -160,6 +160,7 @@ class CatalogMode:
         self.listing_at = 0.0
         self.listing_error = ""
         self._loading: dict[str, asyncio.Task[None]] = {}
+        self._built: dict[str, Any] = {}  # unloaded, still published: a reload needs no build
         self._lock = asyncio.Lock()
         self.events: list[str] = []
 
@@ -252,7 +253,7 @@ class CatalogMode:
         started = time.monotonic()
         self.say(f"model {model_id}: loading on demand")
         try:
-            served = await asyncio.to_thread(
+            served = self._built.pop(model_id, None) or await asyncio.to_thread(
                 self.catalog.prepare_ref, self.settings.source, model_id
             )
             async with self._lock:
@@ -307,6 +308,9 @@ class CatalogMode:
 
     async def unload(self, model_id: str, *, reason: str) -> None:
         """Stop serving a loaded model (lock held by the caller when it is part of a load)."""
+        served = self.catalog.models.get(model_id)
+        if served is not None:
+            self._built[model_id] = served  # its Triton model stays published in the storage
         self.catalog.remove(model_id)
         await self._quiet_unload(model_id)
         entry = self.entry(model_id)

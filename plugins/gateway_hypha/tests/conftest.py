@@ -150,9 +150,31 @@ class ToyService(Service):
                 ["toy"],
             ),
         }
+        # offered but not loaded, as in catalog mode: loaded by ensure_model on first use
+        self.offered = {
+            "triple": ModelInfo(
+                "triple", "Tripler", "multiplies by three", [_tensor("x")], [_tensor("y")],
+                "onnx", ["toy", "catalog"],
+            )
+        }  # fmt: skip
         self.calls: list[tuple[str, Any]] = []
         self.checked: list[tuple[str, dict[str, Any]]] = []
         self.replicas = 1
+
+    async def ensure_model(self, model_id: str) -> None:
+        if model_id in self.offered:
+            self.calls.append(("ensure_model", model_id))
+            self.models[model_id] = self.offered.pop(model_id)
+        self._model(model_id)
+
+    def search_models(self, query: str = "", limit: int = 50) -> list[dict[str, Any]]:
+        rows = super().search_models(query, limit)
+        for info in self.offered.values():
+            text = " ".join([info.id, info.name, info.description, *info.tags]).lower()
+            if all(w in text for w in query.lower().split()):
+                rows.append({"id": info.id, "name": info.name, "tags": info.tags,
+                             "description": info.description, "state": "available"})  # fmt: skip
+        return rows[:limit]
 
     def _model(self, model_id: str) -> ModelInfo:
         if model_id not in self.models:
@@ -182,8 +204,9 @@ class ToyService(Service):
         missing = [t["id"] for t in info.inputs if t["id"] not in inputs]
         if missing:
             raise InvalidInputError(f"missing input(s): {', '.join(missing)}")
-        if model_id == "double":
-            return {"y": (inputs["x"] * 2).astype(np.float32)}
+        if model_id in ("double", "triple"):
+            factor = 2 if model_id == "double" else 3
+            return {"y": (inputs["x"] * factor).astype(np.float32)}
         return {"s": inputs["a"] + inputs["b"], "d": inputs["a"] - inputs["b"]}
 
     async def infer_raw(self, model_id, body, headers, *, timeout=None):

@@ -51,7 +51,8 @@ async def test_lists_searches_and_describes_models(gateway, anonymous):
     assert gateway.info()["state"] == "connected"
     svc = await anonymous.get_service("bioengine-test/bioengine")
     models = await svc.list_models()
-    assert [m["id"] for m in models] == ["double", "sum"]
+    assert [m["id"] for m in models] == ["double", "sum", "triple"]
+    assert [m["state"] for m in models] == ["ready", "ready", "available"]
     assert models[0]["inputs"][0]["id"] == "x" and models[0]["weight_format"] == "onnx"
     found = await svc.search_models("nuclei", 5)
     assert [m["id"] for m in found] == ["double"]
@@ -266,3 +267,17 @@ async def test_unreachable_server_keeps_retrying(backend_context, toy_service):
     finally:
         await gw.stop()
     assert gw.info()["state"] == "stopped"
+
+
+async def test_catalog_models_are_listed_before_and_loaded_on_first_use(
+    gateway, anonymous, toy_service
+):
+    """In catalog mode list/search cover models not loaded yet; infer loads one first."""
+    svc = await anonymous.get_service("bioengine-test/bioengine")
+    found = await svc.search_models("three", 5)
+    assert [(m["id"], m["state"]) for m in found] == [("triple", "available")]
+    x = np.ones((1, 1, 4, 4), np.float32)
+    out = await svc.infer("triple", {"x": x})
+    np.testing.assert_array_equal(out["y"], x * 3)
+    assert ("ensure_model", "triple") in toy_service.calls
+    assert [m["state"] for m in await svc.search_models("three", 5)] == ["ready"]
