@@ -75,8 +75,9 @@ class ModelCatalog:
             raise ModelError(f"no model source handles {scheme!r} in {ref!r} (installed: {known})")
         return source.resolve(ref, cache_dir=self.state_dir / "sources")
 
-    def prepare(self, entry: ModelEntry) -> ServedModel:
-        """Resolve, validate, build and publish one model (blocking; runs in a thread)."""
+    def prepare(self, entry: ModelEntry, *, shared_runner: bool = False) -> ServedModel:
+        """Resolve, validate, build and publish one model (blocking; runs in a thread);
+        `shared_runner`: a python-backend model runs in the replica's shared runner."""
         from .modelpkg import load_package
         from .repository import build_triton_model
 
@@ -91,6 +92,7 @@ class ModelCatalog:
             available_backends=self.executor.triton_backends(),
             max_batch_size=entry.max_batch_size,
             gpus=self.executor.replica_gpus(),
+            shared_runner=shared_runner,
         )
         self.storage.put(built.name, built.path)
         self.on_published(built.name)
@@ -100,9 +102,22 @@ class ModelCatalog:
         )
         return ServedModel(built.name, package, built, entry)
 
-    def prepare_ref(self, scheme: str, model_id: str) -> ServedModel:
+    def prepare_ref(
+        self, scheme: str, model_id: str, *, shared_runner: bool = False
+    ) -> ServedModel:
         """Prepare the model `scheme:model_id` under that id (catalog mode's loads)."""
-        return self.prepare(ModelEntry(source=f"{scheme}:{model_id}", id=model_id))
+        entry = ModelEntry(source=f"{scheme}:{model_id}", id=model_id)
+        return self.prepare(entry, shared_runner=shared_runner)
+
+    def publish_runner(self) -> str:
+        """Build and publish the shared runner model; its name."""
+        from .runner import build_runner
+
+        build_root = self.state_dir / "build"
+        build_root.mkdir(parents=True, exist_ok=True)
+        built = build_runner(build_root)
+        self.storage.put(built.name, built.path)
+        return built.name
 
     def listing(self, scheme: str) -> list[dict[str, Any]]:
         """What the source for `scheme` offers (its collection); ModelError when unknown."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
 import logging
 import re
 import time
@@ -64,6 +65,11 @@ class CatalogSettings(BaseModel):
     )
     retry_failed_after: float = Field(
         60.0, ge=0, description="Seconds before a model whose load failed is tried again."
+    )
+    shared_runner: bool = Field(
+        True,
+        description="Run catalog models' python-backend pipelines in one shared process per "
+        "replica (a thin stub per model) instead of one Python runtime per model.",
     )
     listing_refresh: float = Field(
         3600.0, gt=0, description="Seconds between reloads of the collection listing."
@@ -254,7 +260,12 @@ class CatalogMode:
         self.say(f"model {model_id}: loading on demand")
         try:
             served = self._built.pop(model_id, None) or await asyncio.to_thread(
-                self.catalog.prepare_ref, self.settings.source, model_id
+                functools.partial(
+                    self.catalog.prepare_ref,
+                    self.settings.source,
+                    model_id,
+                    shared_runner=self.settings.shared_runner,
+                )
             )
             async with self._lock:
                 await self._make_room(for_model=model_id)

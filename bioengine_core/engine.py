@@ -76,6 +76,7 @@ class Engine:
             on_ready_count=self.metrics.replicas_ready.set,
         )
         self._configured_ids: set[str] = set()  # [[models]]: never unloaded by catalog mode
+        self._system_models: list[str] = []  # loaded on every replica, never listed (the runner)
         self.catalog_mode: CatalogMode | None = None
         if config.catalog.enabled:
             self.catalog_mode = CatalogMode(
@@ -112,7 +113,7 @@ class Engine:
         """What every replica runs: Triton over the storage's repository with our models."""
         return self.config.replica_spec(
             self.storage.location(),
-            self.catalog.ids(),
+            self.catalog.ids() + self._system_models,
             gpus=len(self.executor.replica_gpus() or []),
         )
 
@@ -129,6 +130,8 @@ class Engine:
             served = await asyncio.to_thread(self.catalog.prepare, entry)
             self.catalog.add(served)
             self._configured_ids.add(served.id)
+        if self.catalog_mode is not None and self.config.catalog.shared_runner:
+            self._system_models.append(await asyncio.to_thread(self.catalog.publish_runner))
         await self.supervisor.start()
         await self.supervisor.wait_ready(min(1, self.supervisor.target))
         if self.catalog_mode is not None:

@@ -153,6 +153,7 @@ def build_triton_model(
     name: str | None = None,
     gpus: Sequence[int] | None = None,
     execution_env: str | None = None,
+    shared_runner: bool = False,
 ) -> BuiltModel:
     """Write the Triton model directory (or ensemble) for `pkg` into repository `dest`.
 
@@ -161,15 +162,21 @@ def build_triton_model(
     places instances on these GPU indices instead of one CPU instance. `execution_env` (python
     backend only) is a conda-pack archive/directory Triton activates for the stub
     (EXECUTION_ENV_PATH), for Triton containers whose own Python lacks bioimageio.core.
+    `shared_runner`: a python-backend model runs in the replica's `bioengine_runner` process.
     """
     chosen, wf = _choose(pkg, weight_format, backend, list(available_backends))
     model_name = safe_model_name(name or pkg.id)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     if chosen == "python":
-        return _build_python(
+        built = _build_python(
             pkg, dest, model_name, wf, max_batch_size, python_paths, gpus, execution_env
         )
+        if shared_runner:
+            settings_file = built.path / "1" / SETTINGS_FILE
+            settings = json.loads(settings_file.read_text())
+            settings_file.write_text(json.dumps({**settings, "shared_runner": True}, indent=2))
+        return built
     return _build_native(pkg, dest, model_name, chosen, wf, max_batch_size, gpus)
 
 
@@ -232,6 +239,8 @@ def _build_python(
     (version / "model.py").write_text(template.read_text(encoding="utf-8"), encoding="utf-8")
     checker = resources.files("bioengine_core") / "tensorcheck.py"
     (version / CHECKER).write_text(checker.read_text(encoding="utf-8"), encoding="utf-8")
+    wire = resources.files("bioengine_core") / "templates" / "bioengine_wire.py"
+    (version / "bioengine_wire.py").write_text(wire.read_text(encoding="utf-8"), encoding="utf-8")
     settings = {
         "model_id": pkg.id,
         "triton_name": name,

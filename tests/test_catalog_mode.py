@@ -213,3 +213,46 @@ def test_allow_patterns_and_config_problems_name_the_key(tmp_path):
     assert checked.returncode == 2
     assert "[catalog] key 'max_loaded'" in checked.stderr
     assert "[catalog] key 'allow'" in checked.stderr
+
+
+def test_a_wrong_input_names_the_model_and_input_through_the_shared_runner(site):
+    url = site["url"]
+    with pytest.raises(Exception) as info:
+        _infer(url, "tiny-b", np.zeros((1, 2, 4, 4), np.float32))
+    assert "tiny-b" in str(info.value) and "'x'" in str(info.value)
+    np.testing.assert_allclose(_infer(url, "tiny-b"), Y, atol=1e-5)
+
+
+def test_the_runner_wire_refuses_malformed_messages():
+    """The socket between thin stubs and the shared runner: arrays round-trip; an oversized
+    header or an unknown dtype is refused, not trusted."""
+    import importlib.util
+    import socket
+    import struct
+
+    path = (
+        Path(__file__).resolve().parents[1] / "bioengine_core" / "templates" / "bioengine_wire.py"
+    )
+    spec = importlib.util.spec_from_file_location("wire_under_test", path)
+    wire = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wire)
+    a, b = socket.socketpair()
+    try:
+        arrays = {"x": np.arange(12, dtype=np.float32).reshape(3, 4), "e": np.zeros((0,), "u1")}
+        wire.send_msg(a, {"op": "predict"}, arrays)
+        header, got = wire.recv_msg(b)
+        assert header["op"] == "predict"
+        np.testing.assert_array_equal(got["x"], arrays["x"])
+        assert got["e"].shape == (0,)
+        a.sendall(struct.pack("!I", wire.MAX_HEADER + 1))
+        with pytest.raises(wire.WireError):
+            wire.recv_msg(b)
+        body = json.dumps({"arrays": [{"id": "x", "dtype": "object", "shape": [1]}]}).encode()
+        a.sendall(struct.pack("!I", len(body)) + body)
+        with pytest.raises(wire.WireError):
+            wire.recv_msg(b)
+        a.close()
+        with pytest.raises(EOFError):
+            wire.recv_msg(b)
+    finally:
+        b.close()

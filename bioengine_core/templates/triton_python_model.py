@@ -5,6 +5,11 @@ Copied verbatim into `<repository>/<model>/1/model.py`; its settings come from
 TorchScript or pytorch_state_dict through torch) with the package's bioimage.io pre- and
 post-processing, all through bioimageio.core's prediction pipeline, so processing is applied
 exactly once, here, and never re-implemented by BioEngine.
+
+With `shared_runner` set (catalog mode), this stub stays thin: it checks the inputs and sends
+them to the replica's shared runner (the `bioengine_runner` model), which imports this same file
+with `HOSTED = True` and runs the pipeline there, so a replica holds one Python runtime for many
+models instead of one per model.
 """
 
 import json
@@ -55,6 +60,8 @@ class TritonPythonModel:
 
     def initialize(self, args):
         """Load the package description and create the prediction pipeline on this instance's device."""
+        if SETTINGS.get("shared_runner") and not globals().get("HOSTED"):
+            return self._use_runner(args)
         from bioimageio.core import Sample, Tensor, create_prediction_pipeline
         from bioimageio.spec import load_description
 
@@ -90,6 +97,41 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(
             f"bioengine: model '{MODEL_ID}' ready with {weight_format} weights on {devices[0]} "
             f"(numpy {np.__version__} from {os.path.dirname(np.__file__)})"
+        )
+
+    def _use_runner(self, args):
+        """Connect to the replica's shared runner and have it load this model's pipeline."""
+        import socket
+        import time
+
+        from bioengine_wire import recv_msg, runner_socket, send_msg
+
+        self.inputs = SETTINGS["inputs"]
+        self.outputs = SETTINGS["outputs"]
+        path = runner_socket(os.getppid())
+        deadline = time.monotonic() + 120
+        while True:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                conn.connect(path)
+                break
+            except OSError:
+                conn.close()
+                if time.monotonic() > deadline:
+                    raise pb_utils.TritonModelException(
+                        f"model '{MODEL_ID}': the shared runner (model bioengine_runner) does "
+                        f"not answer at {path}"
+                    ) from None
+                time.sleep(0.2)
+        keep = ("model_name", "model_instance_kind", "model_instance_device_id")
+        send_msg(conn, {"op": "load", "dir": _HERE, "args": {k: args.get(k) for k in keep}})
+        header, _ = recv_msg(conn)
+        if "error" in header:
+            conn.close()
+            raise pb_utils.TritonModelException(f"model '{MODEL_ID}': {header['error']}")
+        self._runner, self._send, self._recv = conn, send_msg, recv_msg
+        pb_utils.Logger.log_info(
+            f"bioengine: model '{MODEL_ID}' runs in the shared runner (pid {header.get('pid')})"
         )
 
     def execute(self, requests):
@@ -170,6 +212,12 @@ class TritonPythonModel:
 
     def _predict(self, arrays):
         """One sample through bioimageio.core: preprocessing, weights, postprocessing (each once)."""
+        if getattr(self, "_runner", None) is not None:
+            self._send(self._runner, {"op": "predict"}, arrays)
+            header, out = self._recv(self._runner)
+            if "error" in header:
+                raise RuntimeError(f"shared runner: {header['error']}")
+            return out
         members = {
             spec["id"]: self._tensor_cls.from_numpy(arrays[spec["id"]], dims=tuple(spec["axes"]))
             for spec in self.inputs
@@ -191,6 +239,9 @@ class TritonPythonModel:
 
     def finalize(self):
         """Release the weights (and device memory) of this instance."""
+        runner = getattr(self, "_runner", None)
+        if runner is not None:
+            runner.close()  # the runner releases this model's pipeline when the socket closes
         pipeline = getattr(self, "pipeline", None)
         if pipeline is not None:
             pipeline.unload()
