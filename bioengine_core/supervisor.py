@@ -36,6 +36,7 @@ class Replica:
     retiring: bool = False
     adopted: bool = False
     failed_since: float | None = None
+    models: set[str] | None = None  # the models its spec named when it started (None: unknown)
 
 
 class ReplicaSupervisor:
@@ -184,6 +185,9 @@ class ReplicaSupervisor:
         if status.state == ReplicaState.READY and status.url and not rep.routed:
             if rep.adopted:
                 await self.ensure_loaded(status.url)
+            elif rep.models is not None and (missing := set(self.model_ids()) - rep.models):
+                # models loaded on demand while this replica was starting
+                await self.ensure_loaded(status.url, only=missing)
             self.router.add(status.replica_id, status.url)
             rep.routed = True
         elif status.state != ReplicaState.READY and rep.routed:
@@ -200,8 +204,9 @@ class ReplicaSupervisor:
 
     async def start_replica(self, successor_of: str | None = None) -> str:
         """Start one replica (optionally as the successor of another)."""
-        status = await asyncio.to_thread(self.executor.start, self.spec())
-        self.track(status)
+        spec = self.spec()
+        status = await asyncio.to_thread(self.executor.start, spec)
+        self.track(status).models = set(spec.models)
         if successor_of and successor_of in self.replicas:
             self.replicas[successor_of].successor = status.replica_id
         why = f" to succeed {successor_of}" if successor_of else ""
@@ -232,10 +237,10 @@ class ReplicaSupervisor:
             rep.routed = False
 
     # ---------------------------------------------------------------- admin calls
-    async def ensure_loaded(self, url: str) -> None:
-        """Make an adopted replica load the current version of every model."""
+    async def ensure_loaded(self, url: str, only: set[str] | None = None) -> None:
+        """Make a replica load the current version of every model (or of `only` these)."""
         session = await self.router.session()
-        for name in self.model_ids():
+        for name in sorted(only) if only is not None else self.model_ids():
             async with session.post(f"{url}/v2/repository/models/{name}/load") as resp:
                 if resp.status != 200:
                     log.warning(

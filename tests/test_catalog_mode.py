@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -256,3 +257,26 @@ def test_the_runner_wire_refuses_malformed_messages():
             wire.recv_msg(b)
     finally:
         b.close()
+
+
+def test_a_replica_added_later_serves_the_models_loaded_before_it(site):
+    """Scale 1 -> 2 after models were loaded on demand: the new replica starts with them (and
+    loads any loaded while it started), so requests spread over both replicas all succeed."""
+    url = site["url"]
+    np.testing.assert_allclose(_infer(url, "tiny-b"), Y, atol=1e-5)
+    request = urllib.request.Request(
+        f"{url}/bioengine/scale", data=b'{"replicas": 2}', method="POST",
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        assert resp.status == 200
+    deadline = time.monotonic() + 180
+    while get_status(url)["ready_replicas"] < 2:
+        assert time.monotonic() < deadline, get_status(url)
+        time.sleep(0.5)
+    np.testing.assert_allclose(_infer(url, "tiny-c"), Y, atol=1e-5)  # loaded on both
+    for _ in range(12):
+        for model in ("tiny-b", "tiny-c"):
+            np.testing.assert_allclose(_infer(url, model), Y, atol=1e-5)
+    rows = get_status(url)["replicas"]
+    assert len(rows) == 2 and all(r["requests"] > 0 for r in rows), rows
