@@ -103,6 +103,7 @@ class ModelCache:
         *,
         progress: Callable[[str], None] | None = None,
         require_weights_sha256: bool = True,
+        section: str = "[sources.bioimageio]",
     ):
         self.root = Path(root)
         self.packages = self.root / "packages"
@@ -110,6 +111,8 @@ class ModelCache:
         self.locks = self.root / "locks"
         self.progress = progress or (lambda line: None)
         self.require_weights_sha256 = require_weights_sha256
+        self.section = section
+        """The settings section errors name (the source's, which holds `require_weights_sha256`)."""
 
     # ------------------------------------------------------------------ lookups
     def cached(self, ref: str) -> Path | None:
@@ -187,7 +190,7 @@ class ModelCache:
             if remote.sha256 is None and remote.weights and self.require_weights_sha256:
                 raise ModelError(
                     f"{package.ref}: the description declares no sha256 for weights file "
-                    f"{remote.name!r}, so it cannot be verified (set [sources.bioimageio] "
+                    f"{remote.name!r}, so it cannot be verified (set {self.section} "
                     "require_weights_sha256 = false to accept such packages)"
                 )
             target = tmp / remote.name

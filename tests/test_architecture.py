@@ -169,6 +169,7 @@ def test_no_plugin_imports_private_core_modules():
         "bioengine_core.util",
         "bioengine_core.site",
         "bioengine_core.triton",
+        "bioengine_core.modelcache",
     }
     offenders = []
     roots = [ROOT / "plugins", ROOT / "docs" / "examples"]

@@ -1,15 +1,16 @@
-"""Hook implementation: register the `s3` storage."""
+"""Hook implementations: register the `s3` storage and the `s3` model source."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from bioengine_core.contracts import BackendContext, StorageType
+from bioengine_core.contracts import BackendContext, ModelSourceType, StorageType
 from bioengine_core.hookspecs import hookimpl
 
-from .settings import S3StorageSettings
+from .settings import S3SourceSettings, S3StorageSettings
 
 if TYPE_CHECKING:
+    from .source import S3ModelSource
     from .storage import S3Storage
 
 
@@ -61,5 +62,41 @@ def bioengine_register_storages() -> list[StorageType]:
             description="Model repository in an S3 bucket (AWS, MinIO, SeaweedFS, Ceph); "
             "atomic, incremental publishing; Triton reads s3:// or a local mirror",
             preflight=preflight,
+        )
+    ]
+
+
+def make_source(*, settings: S3SourceSettings, context: BackendContext) -> S3ModelSource:
+    """Factory the core calls with the validated `[sources.s3]` section (connects lazily)."""
+    from .source import S3ModelSource
+
+    return S3ModelSource(settings, context)
+
+
+def source_preflight(
+    *, settings: S3SourceSettings, context: BackendContext, offline: bool
+) -> list[str]:
+    """Online, when `[sources.s3] root` is set: the root answers to the configured credentials
+    and holds something (short timeouts, one try). Without `root` there is nothing to contact:
+    `[[models]]` references name their buckets, which are read when `serve` resolves them."""
+    if offline or settings.offline or not settings.root:
+        return []
+    from .source import S3ModelSource
+
+    return S3ModelSource(settings, context).preflight()
+
+
+@hookimpl
+def bioengine_register_model_sources() -> list[ModelSourceType]:
+    """The `s3` model source (`s3://BUCKET/PREFIX/` references and catalog ids `s3:NAME`)."""
+    return [
+        ModelSourceType(
+            name="s3",
+            settings=S3SourceSettings,
+            factory=make_source,
+            description="bioimage.io packages in an S3 bucket (s3://BUCKET/PREFIX/, catalog "
+            "ids under [sources.s3] root), into the verified cache",
+            preflight=source_preflight,
+            schemes=("s3",),
         )
     ]

@@ -45,16 +45,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import boto3
 import boto3.exceptions
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
-from botocore.exceptions import ConnectTimeoutError
 
 from bioengine_core.contracts import RepositoryLocation, Storage
 from bioengine_core.errors import StorageError
 
+from .s3client import ERRORS as _ERRORS
+from .s3client import S3Diagnosis, S3StorageError, s3_client
 from .settings import S3StorageSettings
 
 log = logging.getLogger("bioengine.storage.s3")
@@ -63,22 +62,6 @@ META = ".bioengine"
 CONFIG = "config.pbtxt"
 MANIFEST_FORMAT = 1
 _CHUNK = 1024 * 1024
-_ERRORS = (
-    botocore.exceptions.BotoCoreError,
-    botocore.exceptions.ClientError,
-    boto3.exceptions.Boto3Error,
-)
-"""What boto3 raises: turned into one-line S3StorageErrors with cause and fix."""
-
-
-class S3StorageError(StorageError):
-    """An S3 request failed; `code` is S3's error code (`NoSuchBucket`, `AccessDenied`, ...)."""
-
-    def __init__(self, message: str, *, code: str = "", operation: str = "", key: str = ""):
-        super().__init__(message)
-        self.code = code
-        self.operation = operation
-        self.key = key
 
 
 class _Changing(Exception):
@@ -196,35 +179,7 @@ class _Progress:
                 self.next_step = (percent // 25 + 1) * 25
 
 
-def _s3_client(settings: S3StorageSettings, creds: dict[str, str], *, quick: bool = False) -> Any:
-    """A boto3 S3 client for the settings' endpoint, with `creds` (AWS_* names) if given;
-    `quick`: short timeouts and a single attempt (for preflight checks)."""
-    extra: dict[str, Any] = {"connect_timeout": 3, "read_timeout": 5} if quick else {}
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=settings.endpoint_url,
-        region_name=settings.region,
-        aws_access_key_id=creds.get("AWS_ACCESS_KEY_ID"),
-        aws_secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
-        aws_session_token=creds.get("AWS_SESSION_TOKEN"),
-        verify=settings.verify_tls,
-        config=Config(
-            s3={"addressing_style": "path" if settings.path_style() else "auto"},
-            # total_max_attempts counts the first try (botocore's max_attempts counts retries only)
-            retries={
-                "total_max_attempts": 1 if quick else settings.max_attempts,
-                "mode": "standard",
-            },
-            **extra,
-            max_pool_connections=max(10, 2 * settings.max_concurrency),
-            # Only checksums the server asked for: on-site S3 servers vary in support.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        ),
-    )
-
-
-class S3Storage(Storage):
+class S3Storage(Storage, S3Diagnosis):
     """Model repository in `s3://bucket/prefix/`; optionally mirrored to a local directory."""
 
     def __init__(
@@ -247,7 +202,7 @@ class S3Storage(Storage):
                 f"[storage] names the environment variable {exc.args[0]} for S3 credentials, "
                 "but it is not set"
             ) from None
-        self._client = _s3_client(settings, self._credentials or {}, quick=quick)
+        self._client = s3_client(settings, self._credentials or {}, quick=quick)
         self._transfer = TransferConfig(
             multipart_threshold=settings.multipart_threshold_mb * 1024 * 1024,
             multipart_chunksize=max(8, settings.multipart_threshold_mb // 4) * 1024 * 1024,
@@ -275,26 +230,6 @@ class S3Storage(Storage):
     def _manifest_key(self, name: str) -> str:
         return self._key(META, "models", f"{name}.json")
 
-    def _url(self, key: str = "") -> str:
-        return f"s3://{self.bucket}/{key}"
-
-    def _credential_settings(self) -> str:
-        """How the credentials were given, as the operator wrote it (never the values)."""
-        st = self.settings
-        if st.access_key_id_env or st.secret_access_key_env:
-            return (
-                f"the variables {st.access_key_id_env or '(access_key_id)'} and "
-                f"{st.secret_access_key_env or '(secret_access_key)'} named by [storage] "
-                "access_key_id_env / secret_access_key_env"
-            )
-        if st.access_key_id is not None:
-            return "[storage] access_key_id / secret_access_key"
-        return "the AWS credentials of the environment (AWS_ACCESS_KEY_ID, ~/.aws, a role)"
-
-    def _endpoint(self) -> str:
-        """The S3 server as the operator configured it."""
-        return self.settings.endpoint_url or f"Amazon S3 (region {self.settings.region})"
-
     def _missing_bucket(self) -> str:
         """Cause and fix of a bucket that does not exist."""
         endpoint = (
@@ -306,50 +241,12 @@ class S3Storage(Storage):
             "or fix [storage] bucket"
         )
 
-    def _not_s3(self) -> str:
-        """Cause and fix of an endpoint whose 404 answers carry no S3 error code."""
+    def _missing_object(self) -> str:
+        """Cause and fix of an object that is gone while publishing or reading."""
         return (
-            f"the server at {self._endpoint()} answers HTTP 404 without an S3 error code: it "
-            "is not an S3 API; check [storage] endpoint_url (the S3 port, e.g. MinIO's API "
-            "port rather than its console, SeaweedFS's -s3.port rather than its master or filer)"
+            "the object is gone (deleted by hand, or does another process publish here?): "
+            "publish the model again"
         )
-
-    def _hint(self, code: str, operation: str) -> str:
-        """Cause and fix of an S3 error code an operator can cause ("" when none is known)."""
-        if code == "404" and not operation.startswith("Head"):
-            # S3 answers every refused GET/PUT/LIST with an XML error code (NoSuchBucket,
-            # NoSuchKey); a bare 404 comes from a web page, a console or another service.
-            return self._not_s3()
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
-            return f"credentials refused: check {self._credential_settings()}"
-        if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
-            return (
-                f"credentials refused or not allowed here: check {self._credential_settings()}, "
-                f"or the bucket policy (this user needs list, read and write on "
-                f"s3://{self.bucket}/{self.prefix})"
-            )
-        if code == "NoSuchBucket" or (code in ("404", "NotFound") and operation == "HeadBucket"):
-            return self._missing_bucket()
-        if code in ("NoSuchKey", "404", "NotFound"):
-            return (
-                "the object is gone (deleted by hand, or does another process publish here?): "
-                "publish the model again"
-            )
-        if code in (
-            "PermanentRedirect",
-            "AuthorizationHeaderMalformed",
-            "IllegalLocationConstraintException",
-            "301",
-        ) or (code == "400" and operation == "HeadBucket"):
-            return (
-                f"the bucket is in another region: fix [storage] region ({self.settings.region!r})"
-            )
-        if code in ("InternalError", "ServiceUnavailable", "SlowDown") or code[:1] == "5":
-            return (
-                f"the S3 server at {self._endpoint()} failed on its side: check its health "
-                "and log, then retry"
-            )
-        return ""
 
     def preflight(self) -> list[str]:
         """Whether the bucket answers to these credentials (one HeadBucket and one small
@@ -374,79 +271,6 @@ class S3Storage(Storage):
         except (botocore.exceptions.BotoCoreError, boto3.exceptions.Boto3Error) as exc:
             return [str(self._error(exc, operation))]
         return []
-
-    @staticmethod
-    def _status(exc: botocore.exceptions.ClientError) -> int:
-        """The HTTP status of a refused request (0 when unknown)."""
-        return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-
-    def _error(self, exc: BaseException, operation: str, key: str = "") -> S3StorageError:
-        """One line for the operator: what failed (S3's error code, the operation, the object),
-        the likely cause and the setting that fixes it; never the credentials' values."""
-        where = self._url(key)
-        if self.settings.endpoint_url:
-            where += f" at {self.settings.endpoint_url}"
-        # boto3's transfer manager wraps the botocore error that actually happened
-        if isinstance(exc, boto3.exceptions.Boto3Error):
-            inner = exc.__cause__ or exc.__context__
-            if isinstance(
-                inner, botocore.exceptions.BotoCoreError | botocore.exceptions.ClientError
-            ):
-                exc = inner
-        code, detail, hint = type(exc).__name__, str(exc), ""
-        if isinstance(exc, botocore.exceptions.ClientError):
-            err = exc.response.get("Error", {})
-            code = str(err.get("Code", "")) or str(
-                exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
-            )
-            detail = err.get("Message", "") or str(exc)
-            hint = self._hint(code, operation)
-        elif isinstance(exc, botocore.exceptions.NoCredentialsError):
-            code, detail = "NoCredentials", "no credentials found"
-            hint = (
-                "set [storage] access_key_id_env / secret_access_key_env (or "
-                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment)"
-            )
-        elif isinstance(exc, botocore.exceptions.SSLError):
-            code = "SSLError"
-            hint = (
-                f"TLS with {self._endpoint()} failed: check the scheme (http/https) of "
-                "[storage] endpoint_url, or the certificate ([storage] verify_tls)"
-            )
-        elif isinstance(
-            exc,
-            botocore.exceptions.EndpointConnectionError
-            | ConnectTimeoutError
-            | botocore.exceptions.ProxyConnectionError
-            | botocore.exceptions.ConnectionClosedError,
-        ):
-            code = "EndpointConnectionError"
-            hint = (
-                f"no S3 server answers at {self._endpoint()}: check [storage] endpoint_url "
-                "and the network (is the server running and reachable from here?)"
-            )
-        elif isinstance(exc, botocore.exceptions.ReadTimeoutError):
-            code = "ReadTimeout"
-            hint = (
-                f"the S3 server at {self._endpoint()} accepted the connection but did not "
-                "answer in time: check its health, or [storage] endpoint_url"
-            )
-        message = f"S3 {operation} of {where} failed: {code}: {detail}"
-        if hint:
-            message += f" — {hint}"
-        return S3StorageError(" ".join(message.split()), code=code, operation=operation, key=key)
-
-    @staticmethod
-    def _code(exc: Exception) -> str:
-        if isinstance(exc, botocore.exceptions.ClientError):
-            return str(exc.response.get("Error", {}).get("Code", ""))
-        return ""
-
-    def _call(self, operation: str, key: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
-        try:
-            return fn(**kwargs)
-        except _ERRORS as exc:
-            raise self._error(exc, operation, key) from exc
 
     # ------------------------------------------------------------------ bucket
 
