@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from .catalogmode import CatalogSettings, check_catalog
+from .catalogsettings import CatalogSettings, check_catalog
 from .contracts import BackendContext, BackendSettings, BackendType, ReplicaSpec, RepositoryLocation
 from .errors import ConfigError
 from .plugins import PluginManager
