@@ -394,8 +394,11 @@ class Service(ABC):
 
     @abstractmethod
     async def test_model(self, model_id: str) -> dict[str, Any]:
-        """Run the model's own test inputs through the replicas and compare with its test
-        outputs: `{"model_id", "passed", "outputs": {id: {"max_abs_error", "passed"}}}`."""
+        """Run the model's own test inputs through the replicas and judge each output by the
+        package's reproducibility tolerance (`bioengine_core.tolerance`): `{"model_id",
+        "weight_format", "passed", "execution_time", "outputs": {id: {"passed", "max_abs_error",
+        "max_rel_error", "mismatched_elements", "mismatched_per_million", "elements",
+        "tolerance"}}}` (an output that could not be compared has "error" instead)."""
 
     # ---------------------------------------------------------------- state
     @abstractmethod

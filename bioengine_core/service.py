@@ -198,21 +198,30 @@ class EngineService(Service):
 
     async def test_model(self, model_id: str) -> dict[str, Any]:
         await self.ensure_model(model_id)
-        pkg = self.catalog.get(model_id).package
+        served = self.catalog.get(model_id)
+        pkg, weight_format = served.package, served.built.weight_format
         inputs = {tid: np.load(path) for tid, path in pkg.test_inputs.items()}
         started = time.perf_counter()
         try:
             outputs = await self.infer(model_id, inputs)
         except BioEngineError as exc:
-            return {"model_id": model_id, "passed": False, "error": str(exc)}
+            return {
+                "model_id": model_id,
+                "weight_format": weight_format,
+                "passed": False,
+                "error": str(exc),
+            }
         report: dict[str, Any] = {
             "model_id": model_id,
+            "weight_format": weight_format,
             "passed": True,
             "outputs": {},
             "execution_time": time.perf_counter() - started,
         }
         for tid, path in pkg.test_outputs.items():
-            report["outputs"][tid] = _compare(outputs.get(tid), np.load(path))
+            report["outputs"][tid] = _compare(
+                outputs.get(tid), np.load(path), pkg, tid, weight_format
+            )
             report["passed"] = report["passed"] and report["outputs"][tid].get("passed", False)
         return report
 
@@ -258,16 +267,14 @@ class EngineService(Service):
         await self.supervisor.scale(replicas)
 
 
-def _compare(got: np.ndarray | None, expected: np.ndarray) -> dict[str, Any]:
-    """One output of a model test against its expected value."""
-    if got is None or got.shape != expected.shape:
-        shape = None if got is None else got.shape
-        return {"error": f"shape {shape} != expected {expected.shape}", "passed": False}
-    diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
-    return {
-        "max_abs_error": float(diff.max()) if diff.size else 0.0,
-        "passed": bool(np.allclose(got, expected, atol=1e-4, rtol=1e-4)),
-    }
+def _compare(
+    got: np.ndarray | None, expected: np.ndarray, package: Any, output_id: str, weight_format: str
+) -> dict[str, Any]:
+    """One output of a model test against its expected value, judged by the package's own
+    reproducibility tolerance for this output and weight format (`tolerance.compare`)."""
+    from .tolerance import compare, tolerance_for
+
+    return compare(got, expected, tolerance_for(package, output_id, weight_format))
 
 
 __all__ = ["TRITON_GETS", "EngineService"]
