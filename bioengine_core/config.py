@@ -55,6 +55,13 @@ class EngineSettings(BaseModel):
     probe_timeout: float = Field(
         2.0, gt=0, description="Seconds the liveness probe of a quiet replica may take."
     )
+    max_queue_per_model: int = Field(
+        1000,
+        ge=0,
+        le=1_000_000,
+        description="Requests one model may have in flight or waiting before new ones are "
+        "refused with 429 and Retry-After (0: no limit).",
+    )
     successor_lead: float = Field(
         60.0, ge=0, description="Start a successor this many seconds before a replica expires."
     )

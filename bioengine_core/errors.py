@@ -79,5 +79,14 @@ class InvalidInputError(InferenceError):
 class NoReplicaError(InferenceError):
     """No ready replica could answer the request in time."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, *, retry_after: float = 5.0):
         super().__init__(message, status=503)
+        self.retry_after = retry_after
+
+
+class OverloadedError(InferenceError):
+    """A model's queue is full: the caller should retry after `retry_after` seconds (429)."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0):
+        super().__init__(message, status=429)
+        self.retry_after = retry_after

@@ -86,6 +86,7 @@ class HttpGateway(Gateway):
         r.add_get("/metrics", self.metrics)
         r.add_get("/bioengine/status", self.status)
         r.add_get("/bioengine/models", self.models)
+        r.add_get("/bioengine/models/{model}", self.model_description)
         r.add_post("/bioengine/scale", self.scale)
         r.add_get("/v2", self.server_metadata)
         r.add_get("/v2/health/live", self.live)
@@ -184,7 +185,8 @@ class HttpGateway(Gateway):
         except InferenceError as exc:
             if exc.status >= 500:
                 log.warning("%s %s failed: %s", request.method, request.path[:100], exc)
-            headers = {"Retry-After": "1"} if exc.status == 503 else None
+            retry = getattr(exc, "retry_after", 1.0 if exc.status == 503 else None)
+            headers = {"Retry-After": str(max(1, round(retry)))} if retry is not None else None
             return error(exc.status, str(exc), headers)
         except BioEngineError as exc:
             log.error("%s %s failed: %s", request.method, request.path[:100], exc)
@@ -226,6 +228,18 @@ class HttpGateway(Gateway):
         if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
             return error(400, "limit: a whole number from 1 to 1000")
         return web.json_response(self.service.search_models(query, int(limit_text)))
+
+    async def model_description(self, request: web.Request) -> web.Response:
+        """A served model's bioimage.io description and the weight format it runs with (what
+        `bioengine test` judges by); loads it first in catalog mode."""
+        model = await self._known(request)
+        info = next((m for m in self.service.list_models() if m.id == model), None)
+        body = {
+            "id": model,
+            "weight_format": info.weight_format if info else None,
+            "description": self.service.get_model(model),
+        }
+        return web.json_response(body, dumps=lambda d: json.dumps(d, default=str))
 
     async def scale(self, request: web.Request) -> web.Response:
         body = await small_json(request, self.settings.body_timeout)

@@ -98,6 +98,8 @@ class Router:
         self._counter = 0
         self._fastest: dict[str, deque[float]] = {}
         self.on_replica_error: list = []  # callbacks(replica_id) when a replica fails a request
+        self.waiting = 0  # requests waiting for a ready replica (an autoscaler's cue)
+        self.why_none: Callable[[], str] = lambda: ""  # what the replicas are doing, in words
         self.stalls = 0
         self.deadline_rejections = 0
 
@@ -160,6 +162,13 @@ class Router:
         return sum(1 for r in self.routes.values() if not r.draining)
 
     async def _pick(self, exclude: set[str], deadline: float) -> Route:
+        self.waiting += 1
+        try:
+            return await self._wait_pick(exclude, deadline)
+        finally:
+            self.waiting -= 1
+
+    async def _wait_pick(self, exclude: set[str], deadline: float) -> Route:
         while True:
             candidates = [
                 r for r in self.routes.values() if not r.draining and r.replica_id not in exclude
@@ -171,9 +180,11 @@ class Router:
                 return min(candidates, key=lambda r: (r.outstanding, r.requests))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                why = self.why_none()
                 raise NoReplicaError(
-                    "no ready replica is available (the service is starting "
-                    "or every replica failed); try again shortly"
+                    "no ready replica is available ("
+                    + (why or "the service is starting or every replica failed")
+                    + "); try again shortly"
                 )
             self._changed.clear()
             try:
@@ -276,9 +287,12 @@ class Router:
         for _ in range(self.retries + 1):
             try:
                 route = await self._pick(tried, min(deadline, started + self.wait_for_replica))
-            except NoReplicaError:
+            except NoReplicaError as exc:
                 if time.monotonic() >= deadline:
-                    raise self._timed_out(timeout) from None
+                    waited = self._timed_out(timeout)
+                    raise InferenceError(
+                        f"{waited}, waiting for a replica: {exc}", status=504
+                    ) from None
                 raise
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.hopeless(path, remaining):

@@ -18,7 +18,7 @@ from .catalog import ModelCatalog, ServedModel
 from .catalogmode import CatalogMode
 from .config import ModelEntry, SiteConfig
 from .contracts import ModelInfo, Service
-from .errors import BioEngineError, InferenceError, InvalidInputError
+from .errors import BioEngineError, InferenceError, InvalidInputError, OverloadedError
 from .kserve import HEADER_LEN, check_response, parse_request
 from .metrics import Metrics
 from .router import Router, error_message
@@ -75,6 +75,14 @@ class EngineService(Service):
         for _ in range(3):  # an unload may slip between a load and this request's turn
             await self.ensure_model(model_id)
             model = self.catalog.models.get(model_id)
+            limit = self.config.engine.max_queue_per_model
+            if model is not None and limit and model.inflight >= limit:
+                self.metrics.requests.labels(model_id, "rejected").inc()
+                raise OverloadedError(
+                    f"model '{model_id}' has {model.inflight} requests in flight or waiting, "
+                    f"its limit ([engine] max_queue_per_model = {limit}); retry shortly",
+                    retry_after=1.0,
+                )
             if model is not None:
                 model.inflight += 1
                 model.requests += 1

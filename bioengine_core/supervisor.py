@@ -70,6 +70,7 @@ class ReplicaSupervisor:
             PlatformManaged(self) if executor.manages_replicas else SelfManaged(self)
         )
         router.on_replica_error.append(self._on_replica_error)
+        router.why_none = self._why_none
 
     # ---------------------------------------------------------------- life cycle
     async def start(self) -> None:
@@ -139,6 +140,16 @@ class ReplicaSupervisor:
                     f"({states}){await self._log_tails()}"
                 )
             await asyncio.sleep(0.5)
+
+    def _why_none(self) -> str:
+        """Why no replica is ready, for a waiting caller: each replica's state and message."""
+        if not self.replicas:
+            return f"no replica is running; target {self.target}"
+        return "; ".join(
+            f"replica {rid} {r.status.state.value}"
+            + (f": {r.status.message.splitlines()[0][:200]}" if r.status.message else "")
+            for rid, r in sorted(self.replicas.items())
+        )[:1000]
 
     def _states(self) -> str:
         return ", ".join(
