@@ -58,7 +58,7 @@ class Serve:
         cfg.write_text(
             f'[engine]\nname = "{name}"\nstate_dir = "{self.state}"\n\n'
             '[executor]\nkind = "local"\nmode = "process"\n\n'
-            f'[gateways.http]\nport = {self.port}\n\n{body}'
+            f"[gateways.http]\nport = {self.port}\n\n{body}"
         )
         self.proc = subprocess.Popen(
             [str(BIN / "bioengine"), "serve", "--config", str(cfg)],
@@ -113,7 +113,7 @@ def infer(client: httpclient.InferenceServerClient, model: str, x: np.ndarray, n
 
 
 def cold_loads(tmp: Path, zoo_toml: str, rounds: int) -> dict[str, list[float]]:
-    body = f'{zoo_toml}\n[catalog]\nenabled = true\nmax_loaded = 1\nload_timeout = 600\n'
+    body = f"{zoo_toml}\n[catalog]\nenabled = true\nmax_loaded = 1\nload_timeout = 600\n"
     serve = Serve(tmp, "cold", body)
     client = httpclient.InferenceServerClient(serve.url, network_timeout=600)
     x_unet = np.load(UNET / "test_input.npy")
@@ -137,10 +137,15 @@ def cold_loads(tmp: Path, zoo_toml: str, rounds: int) -> dict[str, list[float]]:
     return out
 
 
-def catalog_vs_fixed(tmp: Path, zoo_toml: str, requests: int) -> dict[str, dict[str, float]]:
+def catalog_vs_fixed(
+    tmp: Path, zoo_toml: str, requests: int, shared: bool = True
+) -> dict[str, dict[str, float]]:
     fixed = Serve(tmp, "fixed", f'[[models]]\nsource = "folder:{UNET}"\nid = "affable-shark"\n'
                   f'\n[[models]]\nsource = "folder:{TINY}"\nid = "tiny-affine"\n')  # fmt: skip
-    catalog = Serve(tmp, "catalog", f"{zoo_toml}\n[catalog]\nenabled = true\n")
+    runner = "true" if shared else "false"
+    catalog = Serve(
+        tmp, "catalog", f"{zoo_toml}\n[catalog]\nenabled = true\nshared_runner = {runner}\n"
+    )
     results: dict[str, dict[str, float]] = {}
     try:
         clients = {
@@ -200,6 +205,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--models", default="1,10,50")
     ap.add_argument("--only", choices=["cold", "latency", "memory"])
+    ap.add_argument(
+        "--own-stubs", action="store_true", help="catalog models without the shared runner"
+    )
     args = ap.parse_args()
     counts = [int(c) for c in args.models.split(",")]
     with tempfile.TemporaryDirectory() as d, bundled_zoo() as zoo:
@@ -210,7 +218,9 @@ def main() -> None:
             report["cold_load_s"] = {k: statistics.median(v) for k, v in cold.items()}
             print("cold load (cached, not loaded), median s:", report["cold_load_s"])
         if args.only in (None, "latency"):
-            report["catalog_vs_fixed"] = catalog_vs_fixed(tmp, zoo.toml(), args.requests)
+            report["catalog_vs_fixed"] = catalog_vs_fixed(
+                tmp, zoo.toml(), args.requests, shared=not args.own_stubs
+            )
             print("catalog vs fixed p50 (ms):", report["catalog_vs_fixed"])
         if args.only in (None, "memory"):
             rows = memory_per_model(tmp, zoo, counts)

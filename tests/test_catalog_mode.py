@@ -245,6 +245,12 @@ def test_the_runner_wire_refuses_malformed_messages():
         assert header["op"] == "predict"
         np.testing.assert_array_equal(got["x"], arrays["x"])
         assert got["e"].shape == (0,)
+        big = {"raw": np.random.default_rng(0).random((1, 1, 1024, 1024), np.float32)}
+        sender = threading.Thread(target=wire.send_msg, args=(a, {"op": "predict"}, big))
+        sender.start()  # 4 MiB: more than a socket buffer, written in parts
+        _, got = wire.recv_msg(b)
+        sender.join(30)
+        np.testing.assert_array_equal(got["raw"], big["raw"])
         a.sendall(struct.pack("!I", wire.MAX_HEADER + 1))
         with pytest.raises(wire.WireError):
             wire.recv_msg(b)

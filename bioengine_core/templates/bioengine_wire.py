@@ -49,11 +49,16 @@ def send_msg(sock, header, arrays=None):
     header["arrays"] = [
         {"id": k, "dtype": a.dtype.name, "shape": list(a.shape)} for k, a in arrays.items()
     ]
-    data = json.dumps(header).encode()
-    sock.sendall(_LEN.pack(len(data)) + data)
-    for a in arrays.values():
-        if a.nbytes:
-            sock.sendall(memoryview(a).cast("B"))
+    data = json.dumps(header, separators=(",", ":")).encode()
+    parts = [memoryview(_LEN.pack(len(data)) + data)]
+    parts += [memoryview(a).cast("B") for a in arrays.values() if a.nbytes]
+    while parts:  # one scatter-gather write per message in the common case
+        sent = sock.sendmsg(parts)
+        while parts and sent >= len(parts[0]):
+            sent -= len(parts[0])
+            parts.pop(0)
+        if parts and sent:
+            parts[0] = parts[0][sent:]
 
 
 def recv_msg(sock):
