@@ -8,7 +8,8 @@ model, by bioimageio.core's own implementations.
 - **python backend** (the default, and the only backend of the pip-shipped Triton): the generated
   `model.py` (template `bioengine_core/templates/triton_python_model.py`) builds a
   bioimageio.core `PredictionPipeline` from the package copied into `1/package/` and runs
-  preprocessing, the weights (onnxruntime, TorchScript or pytorch_state_dict through torch) and
+  preprocessing, the weights (onnxruntime, TorchScript or pytorch_state_dict through torch,
+  tensorflow_saved_model_bundle or keras_hdf5 through TensorFlow, the `tensorflow` extra) and
   postprocessing for every request. Clients send raw tensors, get final outputs.
 - **native backends** (`onnxruntime_onnx`, `pytorch_libtorch`, e.g. in NVIDIA's container): they
   run only the bare weights, so BioEngine uses them only for packages without pre/post-processing
@@ -21,6 +22,9 @@ Batching: a batch axis becomes Triton's implicit batch dimension (`max_batch_siz
 `dims`) with dynamic batching. The python model answers each request of a batched call on its
 own (per-sample statistics stay per request) and splits a request into the batch size the
 weights accept (e.g. 1). Models without a batch axis get `max_batch_size: 0`.
+
+Size: choosing the backend and weight format (with the serving environment's optional runtimes),
+the python build and the native build with its ensemble are one job: a Triton model from a package.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from .modelpkg import (
     safe_model_name,
 )
 from .pbtxt import TRITON_DTYPES, render_config
-from .util import WEIGHT_FORMATS
+from .util import WEIGHT_FORMATS, missing_runtimes
 
 PYTHON_WEIGHT_FORMATS = WEIGHT_FORMATS
 """Weight formats the generated python-backend model can run (all that BioEngine serves)."""
@@ -84,8 +88,16 @@ def default_python_paths() -> list[str]:
     return [p for p in paths if Path(p).is_dir()]
 
 
-def choose_weight_format(pkg: ModelPackage, supported: Sequence[str], wanted: str | None) -> str:
-    """The weight format to serve: `wanted` if given and usable, else the first preferred one."""
+def choose_weight_format(
+    pkg: ModelPackage,
+    supported: Sequence[str],
+    wanted: str | None,
+    *,
+    python_paths: Sequence[str] | None = None,
+) -> str:
+    """The weight format to serve: `wanted` if given and usable, else the first preferred one;
+    a format whose runtime the environment on `python_paths` lacks is refused with its extra."""
+    lacking = {} if python_paths is None else missing_runtimes(pkg.weight_formats, python_paths)
     if wanted:
         if wanted not in pkg.weight_formats:
             raise ModelError(
@@ -96,10 +108,15 @@ def choose_weight_format(pkg: ModelPackage, supported: Sequence[str], wanted: st
                 f"model '{pkg.id}': {wanted} weights cannot be served here "
                 f"(servable: {', '.join(supported)})"
             )
+        if wanted in lacking:
+            raise ModelError(f"model '{pkg.id}': its {wanted} weights need {lacking[wanted]}")
         return wanted
     for wf in WEIGHT_FORMATS:
-        if wf in pkg.weight_formats and wf in supported:
+        if wf in pkg.weight_formats and wf in supported and wf not in lacking:
             return wf
+    if stuck := [wf for wf in WEIGHT_FORMATS if wf in lacking and wf in supported]:
+        need = lacking[stuck[0]]
+        raise ModelError(f"model '{pkg.id}': its {' and '.join(stuck)} weights need {need}")
     raise ModelError(
         f"model '{pkg.id}' has no servable weights: it has {', '.join(pkg.weight_formats)}, "
         f"BioEngine serves {', '.join(supported)}"
@@ -107,9 +124,14 @@ def choose_weight_format(pkg: ModelPackage, supported: Sequence[str], wanted: st
 
 
 def _choose(
-    pkg: ModelPackage, weight_format: str | None, backend: str, available: Sequence[str]
+    pkg: ModelPackage,
+    weight_format: str | None,
+    backend: str,
+    available: Sequence[str],
+    env: Sequence[str] | None = None,
 ) -> tuple[str, str]:
-    """(backend, weight format) for a package under the requested backend policy."""
+    """(backend, weight format) for a package under the requested backend policy; `env`: the
+    python backend's site-packages (None: not known, not checked)."""
     if backend not in ("auto", "native", "python"):
         raise ModelError(f"unknown backend {backend!r}: use 'auto', 'native' or 'python'")
     natives = [wf for wf, be in NATIVE_BACKENDS.items() if be in available]
@@ -138,7 +160,9 @@ def _choose(
             f"model '{pkg.id}' needs Triton's python backend, which this site's Triton lacks "
             f"(available: {', '.join(available) or 'none'})"
         )
-    return "python", choose_weight_format(pkg, PYTHON_WEIGHT_FORMATS, weight_format)
+    return "python", choose_weight_format(
+        pkg, PYTHON_WEIGHT_FORMATS, weight_format, python_paths=env
+    )
 
 
 def build_triton_model(
@@ -164,7 +188,9 @@ def build_triton_model(
     (EXECUTION_ENV_PATH), for Triton containers whose own Python lacks bioimageio.core.
     `shared_runner`: a python-backend model runs in the replica's `bioengine_runner` process.
     """
-    chosen, wf = _choose(pkg, weight_format, backend, list(available_backends))
+    paths = default_python_paths() if python_paths is None else python_paths
+    env = None if execution_env else paths  # an execution_env's packages are not known here
+    chosen, wf = _choose(pkg, weight_format, backend, list(available_backends), env)
     model_name = safe_model_name(name or pkg.id)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)

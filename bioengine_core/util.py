@@ -1,17 +1,18 @@
 """Helpers that the core, the plugins and third-party backends share (a public module).
 
 One home for small things every backend needs alike: the deployment label, free ports, atomic
-JSON files, the address a wildcard bind is reached at, the weight formats BioEngine serves,
-finding a package's description file.
+JSON files, the address a wildcard bind is reached at, the weight formats BioEngine serves (and
+what their optional runtimes need), finding a package's description file.
 """
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,41 @@ DEPLOYMENT_LABEL = "bioengine.deployment"
 REPLICA_LABEL = "bioengine.replica"
 """Label key with the replica's own id."""
 
-WEIGHT_FORMATS = ("onnx", "torchscript", "pytorch_state_dict")
+WEIGHT_FORMATS = (
+    "onnx",
+    "torchscript",
+    "pytorch_state_dict",
+    "tensorflow_saved_model_bundle",
+    "keras_hdf5",
+)
 """Weight formats BioEngine can serve, most preferred first."""
+
+OPTIONAL_RUNTIMES = {
+    "tensorflow_saved_model_bundle": ("tensorflow", "TensorFlow", "tensorflow"),
+    "keras_hdf5": ("tensorflow", "TensorFlow", "tensorflow"),
+}
+"""Weight format -> (module, its name for people, the `bioengine` extra that installs it), for
+formats whose runtime BioEngine checks in the serving environment before it builds a model."""
 
 RDF_NAMES = ("bioimageio.yaml", "rdf.yaml")
 """File names of a package's description, in the order they are looked for."""
 
 WILDCARDS = ("", "0.0.0.0", "::", "[::]", "*")
+
+
+def missing_runtimes(weight_formats: Iterable[str], python_paths: Sequence[str]) -> dict[str, str]:
+    """Weight format -> why the environment on `python_paths` cannot run it (the runtime it lacks,
+    the command that installs it), for the formats of OPTIONAL_RUNTIMES that it cannot run."""
+    lacking, paths = {}, [str(p) for p in python_paths]
+    for wf in weight_formats:
+        module, label, extra = OPTIONAL_RUNTIMES.get(wf) or (None, "", "")
+        if module and importlib.machinery.PathFinder.find_spec(module, paths) is None:
+            where = ", ".join(paths) or "no site-packages"
+            lacking[wf] = (
+                f"{label}, which the serving environment ({where}) lacks: "
+                f"pip install 'bioengine[{extra}]'"
+            )
+    return lacking
 
 
 def connect_host(address: str) -> str:
@@ -144,11 +173,13 @@ __all__ = [
     "DEPLOYMENT_LABEL",
     "RDF_NAMES",
     "REPLICA_LABEL",
+    "OPTIONAL_RUNTIMES",
     "WEIGHT_FORMATS",
     "connect_host",
     "find_rdf",
     "free_port",
     "free_ports",
+    "missing_runtimes",
     "parse_port_range",
     "read_json",
     "url_host",

@@ -2,9 +2,10 @@
 
 Copied verbatim into `<repository>/<model>/1/model.py`; its settings come from
 `bioengine_model.json` next to it. It runs the package's weights (ONNX through onnxruntime,
-TorchScript or pytorch_state_dict through torch) with the package's bioimage.io pre- and
-post-processing, all through bioimageio.core's prediction pipeline, so processing is applied
-exactly once, here, and never re-implemented by BioEngine.
+TorchScript or pytorch_state_dict through torch, tensorflow_saved_model_bundle or keras_hdf5
+through TensorFlow) with the package's bioimage.io pre- and post-processing, all through
+bioimageio.core's prediction pipeline, so processing is applied exactly once, here, and never
+re-implemented by BioEngine.
 
 With `shared_runner` set (catalog mode), this stub stays thin: it checks the inputs and sends
 them to the replica's shared runner (the `bioengine_runner` model), which imports this same file
@@ -12,10 +13,15 @@ with `HOSTED = True` and runs the pipeline there, so a replica holds one Python 
 models instead of one per model.
 """
 
+import contextlib
+import importlib.util
 import json
 import os
+import shutil
 import site
 import sys
+import tempfile
+import threading
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(_HERE, "bioengine_model.json"), encoding="utf-8") as _f:
@@ -49,6 +55,56 @@ MODEL_ID = SETTINGS.get("triton_name") or SETTINGS["model_id"]
 sys.path.insert(0, _HERE)  # bioengine_tensorcheck.py, copied next to this file
 from bioengine_tensorcheck import InputProblem, check_tensor  # noqa: E402
 
+TENSORFLOW_FORMATS = ("tensorflow_saved_model_bundle", "keras_hdf5")
+
+
+def _tensorflow_defaults(gpu, device_id):
+    """Conservative TensorFlow settings, set before it is first imported (values already in the
+    environment win): Keras on TensorFlow, one inter-op thread, OMP_NUM_THREADS intra-op threads
+    when set, GPU memory taken as needed instead of all of it, no INFO lines in Triton's log; and
+    only this instance's GPU visible (none for a CPU instance)."""
+    if importlib.util.find_spec("tensorflow") is None:
+        raise pb_utils.TritonModelException(
+            f"model '{MODEL_ID}': its {SETTINGS['weight_format']} weights need TensorFlow, "
+            f"which the serving environment lacks: pip install 'bioengine[tensorflow]'"
+        )
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # bioimageio.core's default is torch
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+    if os.environ.get("OMP_NUM_THREADS"):
+        os.environ.setdefault("TF_NUM_INTRAOP_THREADS", os.environ["OMP_NUM_THREADS"])
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    import tensorflow as tf
+
+    found = tf.config.list_physical_devices("GPU")
+    try:
+        tf.config.set_visible_devices([found[int(device_id)]] if gpu and found else [], "GPU")
+    except (RuntimeError, IndexError, ValueError):
+        pass  # TensorFlow already runs in this process (shared runner): its devices stay
+
+
+@contextlib.contextmanager
+def _private_workdir(weight_format):
+    """Run the block in a fresh directory of its own: bioimageio.core unzips a
+    tensorflow_saved_model_bundle under the working directory (which may be read-only, or shared
+    by models whose zip files have one name). One switch at a time per process: the lock lives
+    on bioimageio.core's TensorFlow backend module, which every model of a shared runner shares."""
+    if weight_format != "tensorflow_saved_model_bundle":
+        yield
+        return
+    import bioimageio.core.backends.tensorflow_backend as tf_backend
+
+    lock = vars(tf_backend).setdefault("_bioengine_workdir_lock", threading.Lock())
+    with lock:
+        before = os.getcwd()
+        workdir = tempfile.mkdtemp(prefix="bioengine-tf-")
+        os.chdir(workdir)
+        try:
+            yield
+        finally:
+            os.chdir(before)
+            shutil.rmtree(workdir, ignore_errors=True)  # the weights are in memory by now
+
 
 def _check(spec, arr):
     """Raise InputProblem unless `arr` is valid for the input `spec` (dtype, ndim, sizes)."""
@@ -62,6 +118,11 @@ class TritonPythonModel:
         """Load the package description and create the prediction pipeline on this instance's device."""
         if SETTINGS.get("shared_runner") and not globals().get("HOSTED"):
             return self._use_runner(args)
+        weight_format = SETTINGS["weight_format"]
+        gpu = args.get("model_instance_kind") == "GPU"
+        device_id = args.get("model_instance_device_id", "0")
+        if weight_format in TENSORFLOW_FORMATS:
+            _tensorflow_defaults(gpu, device_id)
         from bioimageio.core import Sample, Tensor, create_prediction_pipeline
         from bioimageio.spec import load_description
 
@@ -74,17 +135,21 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"model '{MODEL_ID}': invalid package description {rdf}"
             )
-        weight_format = SETTINGS["weight_format"]
-        gpu = args.get("model_instance_kind") == "GPU"
-        device_id = args.get("model_instance_device_id", "0")
         if weight_format == "onnx":
             devices = ["CUDAExecutionProvider" if gpu else "CPUExecutionProvider"]
+        elif weight_format in TENSORFLOW_FORMATS:
+            devices = None  # bioimageio.core's TensorFlow adapters take none: see above
         else:
             devices = [f"cuda:{device_id}" if gpu else "cpu"]
-        self.pipeline = create_prediction_pipeline(
-            descr, weights_format=weight_format, devices=devices
-        )
-        self.pipeline.load()
+        with _private_workdir(weight_format):
+            self.pipeline = create_prediction_pipeline(
+                descr, weights_format=weight_format, devices=devices
+            )
+            self.pipeline.load()
+        if weight_format == "keras_hdf5":
+            import keras
+
+            keras.utils.disable_interactive_logging()  # no progress bar per request in the log
         self.inputs = SETTINGS["inputs"]
         self.outputs = SETTINGS["outputs"]
         home = os.path.dirname(os.path.dirname(os.path.abspath(np.__file__)))
@@ -95,7 +160,8 @@ class TritonPythonModel:
                 f"environment {wanted}: numpy was imported before model.py could set sys.path"
             )
         pb_utils.Logger.log_info(
-            f"bioengine: model '{MODEL_ID}' ready with {weight_format} weights on {devices[0]} "
+            f"bioengine: model '{MODEL_ID}' ready with {weight_format} weights on "
+            f"{devices[0] if devices else (f'GPU {device_id}' if gpu else 'CPU')} "
             f"(numpy {np.__version__} from {os.path.dirname(np.__file__)})"
         )
 
