@@ -76,7 +76,16 @@ class ModelEntry(BaseModel):
     id: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.-]+$", description="Model id (default: from the package)."
     )
-    weight_format: Literal["onnx", "torchscript", "pytorch_state_dict"] | None = Field(
+    weight_format: (
+        Literal[
+            "onnx",
+            "torchscript",
+            "pytorch_state_dict",
+            "tensorflow_saved_model_bundle",
+            "keras_hdf5",
+        ]
+        | None
+    ) = Field(
         None, description="Weights to serve (default: first available of onnx, torchscript, ...)."
     )
     backend: Literal["auto", "python", "native"] = Field(

@@ -32,13 +32,15 @@ def _host(model_dir, args):
     path = os.path.join(model_dir, "model.py")
     if not os.path.isfile(path):
         raise WireError(f"no generated model.py in {model_dir}")
-    with _IMPORT_LOCK:  # module execution touches sys.path
+    # one load at a time: module execution touches sys.path, and bioimageio.spec's description
+    # loading is not thread-safe (concurrent loads corrupt its YAML parser state)
+    with _IMPORT_LOCK:
         spec = importlib.util.spec_from_file_location(f"bioengine_hosted_{next(_COUNTER)}", path)
         module = importlib.util.module_from_spec(spec)
         module.HOSTED = True  # the module runs its pipeline here instead of asking a runner
         spec.loader.exec_module(module)
-    model = module.TritonPythonModel()
-    model.initialize(dict(args))
+        model = module.TritonPythonModel()
+        model.initialize(dict(args))
     return model
 
 
