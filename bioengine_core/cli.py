@@ -19,6 +19,7 @@ from . import __version__
 from .cli_client import infer, status
 from .cli_common import ConfigOpt, console, err, load, plugins
 from .cli_models import models_app
+from .cli_modeltest import test
 from .errors import BioEngineError
 
 HELP = """BioEngine serves BioImage Model Zoo models with NVIDIA Triton on your own infrastructure.
@@ -30,6 +31,7 @@ Typical use:
   bioengine serve --config site.toml          # build the repository, start replicas, serve
   bioengine status --config site.toml         # what runs where
   bioengine infer --model ID --input x.npy --output y.npy
+  bioengine test ID --config site.toml        # its test inputs, judged by its own tolerance
 
 New here? `bioengine models example -o site.toml` writes a config serving a bundled model
 on this machine. See docs/ for SLURM, S3, Kubernetes and Hypha.
@@ -44,6 +46,7 @@ app = typer.Typer(
 )
 app.command()(infer)
 app.command()(status)
+app.command()(test)
 config_app = typer.Typer(
     help="Validate a site config or print its JSON schema.", no_args_is_help=True
 )

@@ -127,18 +127,7 @@ def infer(
 
     base = _gateway_url(url, config)
     headers = _auth_headers(_token(token_file))
-    secure = base.startswith("https://")
-    tls: dict = {}
-    if secure:
-        import gevent.ssl
-
-        def context_factory():
-            return gevent.ssl.create_default_context(cafile=str(cacert) if cacert else None)
-
-        tls = {"ssl": True, "ssl_context_factory": context_factory}
-    client = tc.InferenceServerClient(
-        base.split("://", 1)[1], network_timeout=300, connection_timeout=30, **tls
-    )
+    client = _triton_client(base, cacert)
     try:
         meta = client.get_model_metadata(model, headers=headers)
     except InferenceServerException as exc:
@@ -174,6 +163,23 @@ def infer(
         np.save(path, arr)
         console.print(f"{name}: {arr.shape} {arr.dtype} -> {path}", highlight=False)
     console.print(f"done in {elapsed * 1000:.1f} ms", highlight=False)
+
+
+def _triton_client(base: str, cacert: Path | None):
+    """A stock tritonclient HTTP client for the gateway at `base` (TLS with `cacert`)."""
+    import tritonclient.http as tc
+
+    tls: dict = {}
+    if base.startswith("https://"):
+        import gevent.ssl
+
+        def context_factory():
+            return gevent.ssl.create_default_context(cafile=str(cacert) if cacert else None)
+
+        tls = {"ssl": True, "ssl_context_factory": context_factory}
+    return tc.InferenceServerClient(
+        base.split("://", 1)[1], network_timeout=300, connection_timeout=30, **tls
+    )
 
 
 def status(

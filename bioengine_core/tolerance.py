@@ -40,7 +40,7 @@ class Tolerance:
     absolute_tolerance: float
     mismatched_elements_per_million: float
     source: str
-    """Where it came from, e.g. "declared (entry 1)" or "bioimageio.spec default"."""
+    """Where it came from: "reproducibility_tolerance entry 1", "bioimageio.spec default", ..."""
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for reports."""
@@ -73,7 +73,7 @@ def tolerance_for(descr: Any, output_id: str, weight_format: str | None) -> Tole
             not entry.output_ids or output_id in [str(o) for o in entry.output_ids]
         ):
             applicable = entry
-            source = f"declared (reproducibility_tolerance entry {number})"
+            source = f"reproducibility_tolerance entry {number}"
             break
     return Tolerance(
         float(applicable.relative_tolerance),
@@ -144,7 +144,7 @@ def summary_line(output_id: str, report: dict[str, Any]) -> str:
         f"{report['elements']} elements mismatched ({report['mismatched_per_million']:.1f} per "
         f"million, {tol['mismatched_elements_per_million']:g} allowed), max abs error "
         f"{report['max_abs_error']:.3g}, max rel error {report['max_rel_error']:.3g} "
-        f"(rtol {tol['relative_tolerance']:g}, atol {tol['absolute_tolerance']:g}, "
+        f"(rtol {tol['relative_tolerance']:g}, atol {tol['absolute_tolerance']:g} from "
         f"{tol['source']})"
     )
 

@@ -231,7 +231,8 @@ class HyphaApi:
         return await self.run(model_id, arrays, timeout=timeout)
 
     async def test(self, model_id: str, context: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Run the model's own test inputs through the replicas; pass/fail and max error."""
+        """Run the model's own test inputs through the replicas; per output: passed, max
+        abs/rel error and mismatched elements under the package's reproducibility tolerance."""
         self.inflight += 1
         try:
             return _plain(await self.service.test_model(model_id))

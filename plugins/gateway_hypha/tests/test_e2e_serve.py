@@ -123,6 +123,10 @@ async def test_lists_infers_and_tests_the_real_model(served, client):
     np.testing.assert_allclose(out[tensor_out], y, atol=1e-4, rtol=1e-4)
     report = await svc.test(MODEL_ID)
     assert report["passed"] is True, report
+    judged = report["outputs"][tensor_out]
+    assert report["weight_format"] == "onnx" and judged["mismatched_elements"] == 0
+    assert judged["max_abs_error"] < 1e-4 and judged["elements"] == y.size
+    assert judged["tolerance"]["source"] == "bioimageio.spec default"
     assert (await svc.get_model_rdf(MODEL_ID))["name"]
 
 
