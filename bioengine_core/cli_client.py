@@ -305,6 +305,8 @@ def _render_status(data: dict, wide: bool = False) -> None:
     console.print(models)
     if data.get("catalog"):
         _render_catalog(data["catalog"])
+    if data.get("autoscale"):
+        _render_autoscale(data["autoscale"])
     gws = Table(title="gateways")
     for col in ("name", "kind", "url", "state"):
         gws.add_column(col)
@@ -338,3 +340,15 @@ def _render_catalog(cat: dict) -> None:
     console.print(table)
     for line in cat.get("events", [])[-5:]:
         console.print(line, highlight=False, markup=False)
+
+
+def _render_autoscale(auto: dict) -> None:
+    """The autoscaler: limits, the load it sees, its last decisions with their reasons."""
+    console.print(
+        f"autoscale: target {auto.get('target')} (min {auto.get('min_replicas')}, max "
+        f"{auto.get('max_replicas')}), load {auto.get('load')} requests in flight or waiting",
+        highlight=False,
+    )
+    for d in auto.get("decisions", [])[-5:]:
+        when = time.strftime("%H:%M:%S", time.localtime(d["at"])) if d.get("at") else "?"
+        console.print(f"  {when} {d.get('reason', '')}", highlight=False, markup=False)

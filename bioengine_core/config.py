@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .autoscale import AutoscaleSettings
 from .catalogsettings import CatalogSettings, check_catalog
 from .contracts import BackendContext, BackendSettings, BackendType, ReplicaSpec, RepositoryLocation
 from .errors import ConfigError
@@ -109,6 +110,7 @@ class _Sections(BaseSettings):
     sources: dict[str, dict[str, Any]] = Field(default_factory=dict)
     models: list[ModelEntry] = Field(default_factory=list)
     catalog: CatalogSettings = Field(default_factory=CatalogSettings)
+    autoscale: AutoscaleSettings = Field(default_factory=AutoscaleSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -145,6 +147,7 @@ class SiteConfig:
     models: list[ModelEntry]
     raw: dict[str, Any] = field(default_factory=dict)
     catalog: CatalogSettings = field(default_factory=CatalogSettings)
+    autoscale: AutoscaleSettings = field(default_factory=AutoscaleSettings)
 
     @property
     def config_dir(self) -> Path:
@@ -189,6 +192,7 @@ class SiteConfig:
             "sources": {k: s.settings.model_dump(mode="json") for k, s in self.sources.items()},
             "models": [m.model_dump() for m in self.models],
             "catalog": self.catalog.model_dump(),
+            "autoscale": self.autoscale.model_dump(),
         }
 
 
@@ -367,6 +371,7 @@ def load_config(
         models=sections.models,
         raw=data,
         catalog=sections.catalog,
+        autoscale=sections.autoscale,
     )
 
 
@@ -396,5 +401,6 @@ def config_schema(plugins: PluginManager | None = None) -> dict[str, Any]:
             "sources": {"type": "object", "additionalProperties": one_of("source")},
             "models": {"type": "array", "items": ModelEntry.model_json_schema()},
             "catalog": CatalogSettings.model_json_schema(),
+            "autoscale": AutoscaleSettings.model_json_schema(),
         },
     }

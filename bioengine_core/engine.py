@@ -74,6 +74,8 @@ class Engine:
             hook=self.plugins.hook,
             say=self._say,
             on_ready_count=self.metrics.replicas_ready.set,
+            autoscale=config.autoscale,
+            on_decision=lambda d: self.metrics.autoscale_decisions.labels(d.kind).inc(),
         )
         self._configured_ids: set[str] = set()  # [[models]]: never unloaded by catalog mode
         self._system_models: list[str] = []  # loaded on every replica, never listed (the runner)

@@ -25,6 +25,15 @@ class Metrics:
         self.replicas_ready = Gauge(
             "bioengine_replicas_ready", "Replicas accepting requests", registry=self.registry
         )
+        self.replicas_target = Gauge(
+            "bioengine_replicas_target", "Replicas the engine keeps now", registry=self.registry
+        )
+        self.autoscale_decisions = Counter(
+            "bioengine_autoscale_decisions",
+            "Autoscaler decisions by kind (up, down, from_zero, to_zero, manual)",
+            ["kind"],
+            registry=self.registry,
+        )
 
     def observe(self, model: str, status: str, seconds: float) -> None:
         """Record one request."""

@@ -99,6 +99,8 @@ class Router:
         self._fastest: dict[str, deque[float]] = {}
         self.on_replica_error: list = []  # callbacks(replica_id) when a replica fails a request
         self.waiting = 0  # requests waiting for a ready replica (an autoscaler's cue)
+        self.last_request: float | None = None  # monotonic time of the last request
+        self.on_wait: list[Callable[[], None]] = []  # called when a request finds no replica
         self.why_none: Callable[[], str] = lambda: ""  # what the replicas are doing, in words
         self.stalls = 0
         self.deadline_rejections = 0
@@ -169,6 +171,7 @@ class Router:
             self.waiting -= 1
 
     async def _wait_pick(self, exclude: set[str], deadline: float) -> Route:
+        woke = False
         while True:
             candidates = [
                 r for r in self.routes.values() if not r.draining and r.replica_id not in exclude
@@ -178,6 +181,10 @@ class Router:
                 candidates = [r for r in self.routes.values() if not r.draining]
             if candidates:
                 return min(candidates, key=lambda r: (r.outstanding, r.requests))
+            if not woke:  # an autoscaler may start a replica for this request now
+                woke = True
+                for callback in self.on_wait:
+                    callback()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 why = self.why_none()
@@ -278,6 +285,7 @@ class Router:
         deadline passes; NoReplicaError(503) when no replica could answer.
         """
         started = time.monotonic()
+        self.last_request = started
         deadline = started + timeout
         tried: set[str] = set()
         last: Exception | None = None

@@ -238,6 +238,7 @@ class EngineService(Service):
         return self.router.ready_count()
 
     def metrics_text(self) -> bytes:
+        self.metrics.replicas_target.set(self.supervisor.target)
         return self.metrics.render()
 
     def status(self) -> dict[str, Any]:
@@ -253,9 +254,19 @@ class EngineService(Service):
             "replicas": self.supervisor.rows(),
             "models": self.catalog.rows(),
             **({"catalog": self.catalog_mode.rows()} if self.catalog_mode else {}),
+            **({"autoscale": self._autoscale_status()} if self.supervisor.autoscaler else {}),
             "gateways": self.gateway_info(),
             "uptime_s": time.time() - self.started_at,
         }
+
+    def _autoscale_status(self) -> dict[str, Any]:
+        """The autoscaler's status with each decision's time as wall-clock seconds (`at`)."""
+        assert self.supervisor.autoscaler is not None
+        data = self.supervisor.autoscaler.status()
+        offset = time.time() - time.monotonic()
+        for d in data.get("decisions", []):
+            d["at"] = d["at"] + offset
+        return data
 
     # ---------------------------------------------------------------- admin
     async def load_model(self, ref: str, *, model_id: str | None = None) -> str:

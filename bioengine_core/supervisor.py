@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .autoscale import Autoscaler, AutoscaleSettings, Decision, Observation
 from .config import EngineSettings
 from .contracts import Executor, ReplicaSpec, ReplicaState, ReplicaStatus
 from .errors import BioEngineError, ExecutorError
@@ -53,6 +54,8 @@ class ReplicaSupervisor:
         hook: Any,
         say: Callable[[str], None],
         on_ready_count: Callable[[int], None],
+        autoscale: AutoscaleSettings | None = None,
+        on_decision: Callable[[Decision], None] | None = None,
     ) -> None:
         self.executor = executor
         self.router = router
@@ -71,6 +74,15 @@ class ReplicaSupervisor:
         )
         router.on_replica_error.append(self._on_replica_error)
         router.why_none = self._why_none
+        self.on_decision = on_decision
+        self._wake = asyncio.Event()
+        self.autoscaler: Autoscaler | None = None
+        if autoscale is not None and autoscale.enabled:
+            self.autoscaler = Autoscaler(autoscale, initial=settings.replicas)
+            self.target = self.autoscaler.target
+            # a request that finds no replica waits for a cold start, not just a restart
+            router.wait_for_replica = max(router.wait_for_replica, autoscale.cold_start_timeout)
+            router.on_wait.append(self._wake.set)
 
     # ---------------------------------------------------------------- life cycle
     async def start(self) -> None:
@@ -86,15 +98,45 @@ class ReplicaSupervisor:
                 raise
             except Exception:
                 log.exception("supervisor iteration failed")
+            self._wake.clear()
+            waits = [asyncio.ensure_future(e.wait()) for e in (stopping, self._wake)]
             try:
-                await asyncio.wait_for(stopping.wait(), self.settings.health_interval)
-            except TimeoutError:
-                pass
+                await asyncio.wait(waits, timeout=self.settings.health_interval,
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            finally:
+                for w in waits:
+                    w.cancel()
 
     async def supervise_once(self) -> None:
-        """One round: refresh states, then replace, succeed or scale as the strategy does."""
+        """One round: refresh states, let the autoscaler decide, then replace, succeed or
+        scale as the strategy does."""
         await self.strategy.refresh()
+        if self.autoscaler is not None:
+            await self._autoscale()
         await self.strategy.maintain()
+
+    async def _autoscale(self) -> None:
+        """Ask the policy with what the router and the replicas show now; apply its decision."""
+        assert self.autoscaler is not None
+        starting = sum(1 for r in self.replicas.values() if r.status.state.alive and not r.routed)
+        obs = Observation(
+            ready=self.router.ready_count(),
+            starting=starting,
+            inflight=sum(r.outstanding for r in self.router.routes.values()),
+            waiting=self.router.waiting,
+            last_request=self.router.last_request,
+        )
+        decision = self.autoscaler.decide(time.monotonic(), obs)
+        if decision is not None:
+            self._apply(decision)
+            if self.executor.manages_replicas:  # self-managed: maintain() follows the target
+                await self.strategy.scale()
+
+    def _apply(self, decision: Decision) -> None:
+        self.target = decision.target
+        self.say(f"autoscale: {decision.reason}")
+        if self.on_decision is not None:
+            self.on_decision(decision)
 
     async def stop_all(self) -> None:
         """Stop every replica of this deployment (drained first)."""
@@ -104,7 +146,10 @@ class ReplicaSupervisor:
         """Change the target number of replicas."""
         if replicas < 0:
             raise ValueError("replicas must be >= 0")
-        self.target = replicas
+        if self.autoscaler is not None:
+            self._apply(self.autoscaler.manual(time.monotonic(), replicas))
+        else:
+            self.target = replicas
         await self.strategy.scale()
 
     async def respec(self) -> None:
