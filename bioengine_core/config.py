@@ -25,6 +25,9 @@ from .sources import split_ref
 from .util import DEPLOYMENT_LABEL
 
 ENV_PREFIX = "BIOENGINE_"
+WeightFormat = Literal[
+    "onnx", "torchscript", "pytorch_state_dict", "tensorflow_saved_model_bundle", "keras_hdf5"
+]
 
 
 class EngineSettings(BaseModel):
@@ -57,11 +60,7 @@ class EngineSettings(BaseModel):
         2.0, gt=0, description="Seconds the liveness probe of a quiet replica may take."
     )
     max_queue_per_model: int = Field(
-        1000,
-        ge=0,
-        le=1_000_000,
-        description="Requests one model may have in flight or waiting before new ones are "
-        "refused with 429 and Retry-After (0: no limit).",
+        1000, ge=0, description="Requests one model may have in flight or waiting; more get 429."
     )
     successor_lead: float = Field(
         60.0, ge=0, description="Start a successor this many seconds before a replica expires."
@@ -77,16 +76,7 @@ class ModelEntry(BaseModel):
     id: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.-]+$", description="Model id (default: from the package)."
     )
-    weight_format: (
-        Literal[
-            "onnx",
-            "torchscript",
-            "pytorch_state_dict",
-            "tensorflow_saved_model_bundle",
-            "keras_hdf5",
-        ]
-        | None
-    ) = Field(
+    weight_format: WeightFormat | None = Field(
         None, description="Weights to serve (default: first available of onnx, torchscript, ...)."
     )
     backend: Literal["auto", "python", "native"] = Field(
