@@ -4,6 +4,9 @@ Requests travel as KServe v2 HTTP bodies with the binary-tensor extension, rebui
 `kserve.InferRequest` with a request id of the router's own that the answer must carry back;
 each replica has its own keep-alive connection pool, closed when the replica leaves (an open
 keep-alive connection would hold up Triton's shutdown).
+
+Size: one request's whole life (waiting for a replica, the deadline, failover, stall detection)
+is kept in one place, so that no path can lose a request between modules.
 """
 
 from __future__ import annotations
