@@ -281,3 +281,27 @@ async def test_catalog_models_are_listed_before_and_loaded_on_first_use(
     np.testing.assert_array_equal(out["y"], x * 3)
     assert ("ensure_model", "triple") in toy_service.calls
     assert [m["state"] for m in await svc.search_models("three", 5)] == ["ready"]
+
+
+async def test_an_overloaded_model_is_a_clear_error_and_the_service_keeps_serving(
+    gateway, anonymous, toy_service, monkeypatch
+):
+    """Admission control: the engine's 429 reaches a Hypha caller as one clear error."""
+    from bioengine_core.errors import OverloadedError
+
+    async def full(model_id, inputs, *, timeout=None):
+        raise OverloadedError(
+            f"model '{model_id}' has 1000 requests in flight or waiting, its limit "
+            "([engine] max_queue_per_model = 1000); retry shortly"
+        )
+
+    svc = await anonymous.get_service("bioengine-test/bioengine")
+    x = np.ones((1, 1, 4, 4), np.float32)
+    with monkeypatch.context() as m:
+        m.setattr(toy_service, "infer", full)
+        with pytest.raises(Exception) as info:
+            await svc.infer("double", {"x": x})
+    assert "max_queue_per_model" in str(info.value) and "retry shortly" in str(info.value)
+    assert "Traceback" not in str(info.value)
+    out = await svc.infer("double", {"x": x})
+    np.testing.assert_array_equal(out["y"], x * 2)
