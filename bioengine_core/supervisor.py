@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
+
 from .autoscale import Autoscaler, AutoscaleSettings, Decision, Observation
 from .config import EngineSettings
 from .contracts import Executor, ReplicaSpec, ReplicaState, ReplicaStatus
@@ -76,6 +78,7 @@ class ReplicaSupervisor:
         router.why_none = self._why_none
         self.on_decision = on_decision
         self._wake = asyncio.Event()
+        self._queue_totals: dict[str, tuple[int, int]] = {}  # replica -> Triton queue ns, count
         self.autoscaler: Autoscaler | None = None
         if autoscale is not None and autoscale.enabled:
             self.autoscaler = Autoscaler(autoscale, initial=settings.replicas)
@@ -119,18 +122,45 @@ class ReplicaSupervisor:
         """Ask the policy with what the router and the replicas show now; apply its decision."""
         assert self.autoscaler is not None
         starting = sum(1 for r in self.replicas.values() if r.status.state.alive and not r.routed)
+        queue = None
+        if self.autoscaler.settings.target_queue_seconds is not None:
+            queue = await self._triton_queue_seconds()
         obs = Observation(
             ready=self.router.ready_count(),
             starting=starting,
             inflight=sum(r.outstanding for r in self.router.routes.values()),
             waiting=self.router.waiting,
             last_request=self.router.last_request,
+            queue_seconds=queue,
         )
         decision = self.autoscaler.decide(time.monotonic(), obs)
         if decision is not None:
             self._apply(decision)
             if self.executor.manages_replicas:  # self-managed: maintain() follows the target
                 await self.strategy.scale()
+
+    async def _triton_queue_seconds(self) -> float | None:
+        """Average time the requests answered since the last round spent in Triton's queues
+        (from each ready replica's `/v2/models/stats`); None when none was answered."""
+        session = await self.router.session()
+        queued_ns = answered = 0
+        for route in list(self.router.routes.values()):
+            try:
+                async with session.get(f"{route.url}/v2/models/stats", timeout=2) as resp:
+                    stats = await resp.json() if resp.status == 200 else {}
+            except (OSError, ValueError, TimeoutError, aiohttp.ClientError):
+                continue
+            ns = count = 0
+            for model in stats.get("model_stats", []):
+                queue = model.get("inference_stats", {}).get("queue", {})
+                ns += int(queue.get("ns", 0))
+                count += int(queue.get("count", 0))
+            last_ns, last_count = self._queue_totals.get(route.replica_id, (ns, count))
+            self._queue_totals[route.replica_id] = (ns, count)
+            if count >= last_count:
+                queued_ns += ns - last_ns
+                answered += count - last_count
+        return queued_ns / answered / 1e9 if answered else None
 
     def _apply(self, decision: Decision) -> None:
         self.target = decision.target

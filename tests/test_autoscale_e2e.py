@@ -132,3 +132,39 @@ def test_a_manual_scale_is_bounded_by_max_replicas(served):
         assert resp.status == 200
     assert "manual (5 is above max_replicas 2: using 2)" in serve.output
     assert get_status(url)["target_replicas"] == 2
+
+
+def test_triton_queue_time_over_its_target_adds_a_replica(tmp_path):
+    """With target_queue_seconds, the queue time Triton reports (/v2/models/stats) drives the
+    scale-up even when the in-flight target is far away."""
+    require_service(triton_available(), "the tritonserver binary (nvidia-pytriton)")
+    port = free_port()
+    config = local_config(tmp_path, port=port, name="autoscale-queue", replicas=1)
+    config.write_text(
+        config.read_text() + "\n[autoscale]\nenabled = true\nmin_replicas = 1\nmax_replicas = 2\n"
+        "target_inflight_per_replica = 100\ntarget_queue_seconds = 0.01\nload_window = 2\n"
+        "scale_up_delay = 1\ncooldown = 1\n"
+    )
+    serve = Serve(config)
+    url = f"http://127.0.0.1:{port}"
+    stop = threading.Event()
+    try:
+        serve.wait_serving()
+
+        def client() -> None:
+            while not stop.is_set():
+                _infer(url)
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        _wait(
+            lambda: get_status(url)["target_replicas"] == 2,
+            90,
+            "a second replica for the queue time",
+            {"serve": serve},
+        )
+        assert "queue time" in serve.output and "> target 0.01 s" in serve.output
+    finally:
+        stop.set()
+        serve.stop()
