@@ -71,7 +71,7 @@ async def test_restarted_server_gets_the_services_back(
         models = await _call_until_ok(
             fresh_hypha_server.url, "bioengine-restart/bioengine", restarted + 30
         )
-        assert [m["id"] for m in models] == ["double", "sum"]
+        assert [m["id"] for m in models] == ["double", "sum", "triple"]
         elapsed = time.monotonic() - restarted
         assert elapsed < 30
         info = gw.info()
@@ -174,7 +174,7 @@ async def test_embedded_server_that_dies_is_restarted(backend_context, toy_servi
         os.kill(first, signal.SIGKILL)
         killed = time.monotonic()
         models = await _call_until_ok(gw.info()["url"], "bioengine/bioengine", killed + 60)
-        assert [m["id"] for m in models] == ["double", "sum"]
+        assert [m["id"] for m in models] == ["double", "sum", "triple"]
         info = gw.info()
         assert info["server_pid"] != first and info["state"] == "connected"
     finally:
