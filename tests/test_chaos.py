@@ -9,6 +9,7 @@ import random
 import signal
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -76,3 +77,48 @@ def test_sigkill_every_30_s_under_steady_load_fails_no_request(tmp_path):
 
 
 pytestmark = pytest.mark.triton
+
+
+def test_scaling_down_under_load_drains_the_replica_first(tmp_path):
+    """A replica picked for removal takes no new requests and finishes its in-flight ones
+    before it is stopped: scaling 2 -> 1 under load fails no request."""
+    require_service(triton_available(), "the tritonserver binary (nvidia-pytriton)")
+    port = free_port()
+    serve = Serve(local_config(tmp_path, port=port, name="drain", replicas=2))
+    url = f"http://127.0.0.1:{port}"
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                np.testing.assert_allclose(tc_infer(url, X), Y, atol=1e-4, rtol=1e-4)
+            except Exception as exc:  # noqa: BLE001 - every failure counts
+                failures.append(str(exc))
+
+    try:
+        serve.wait_serving()
+        deadline = time.monotonic() + 120
+        while get_status(url)["ready_replicas"] < 2:
+            assert time.monotonic() < deadline, serve.output
+            time.sleep(0.5)
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(3)
+        request = urllib.request.Request(
+            f"{url}/bioengine/scale", data=b'{"replicas": 1}', method="POST",
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        urllib.request.urlopen(request, timeout=120).read()
+        time.sleep(3)
+        stop.set()
+        for t in threads:
+            t.join(120)
+        assert failures == [], failures[:5]
+        assert "drained; stopping it (scaled down)" in serve.output, serve.output[-3000:]
+        assert len(get_status(url)["replicas"]) == 1
+        assert len(triton_pids(tmp_path / "state")) == 1
+    finally:
+        stop.set()
+        serve.stop()

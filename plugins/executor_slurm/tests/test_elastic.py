@@ -10,6 +10,7 @@ import random
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 
 import pytest
@@ -87,6 +88,39 @@ def test_scancel_every_30_s_under_steady_load_fails_no_request(tmp_path):
         wait_for(lambda: get_status(url)["ready_replicas"] == 2, 240, "two ready jobs again")
         assert not set(cancelled) & set(our_jobs(name))
         assert "cancelled outside BioEngine" in serve.output
+    finally:
+        if load is not None and not load._stop.is_set():
+            load.stop()
+        serve.stop()
+        scancel_deployments(name)
+
+
+def test_a_scaled_down_job_is_cancelled_only_after_it_drained(tmp_path):
+    """Scaling 2 -> 1 under load: the job leaves the routing, finishes its requests, and only
+    then is cancelled; no request fails."""
+    name = f"dr-{uuid.uuid4().hex[:6]}"
+    port = free_port()
+    serve = Serve(slurm_config(tmp_path, name=name, port=port, replicas=2))
+    url = f"http://127.0.0.1:{port}"
+    load = None
+    try:
+        serve.wait_serving()
+        wait_for(lambda: get_status(url)["ready_replicas"] == 2, 240, "two ready jobs")
+        load = Load(url, clients=3)
+        wait_for(lambda: load.done >= 5, 120, "first requests")
+        request = urllib.request.Request(
+            f"{url}/bioengine/scale", data=b'{"replicas": 1}', method="POST",
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        urllib.request.urlopen(request, timeout=120).read()
+        wait_for(lambda: len(our_jobs(name)) == 1, 120, "one job left")
+        done = load.done
+        wait_for(lambda: load.done >= done + 5, 60, "requests on the remaining job")
+        load.stop()
+        assert load.failures == [], load.failures[:5]
+        lines = serve.output.splitlines()
+        drained = next(i for i, line in enumerate(lines) if "stopping it (scaled down)" in line)
+        assert "drained;" in lines[drained], lines[drained]
     finally:
         if load is not None and not load._stop.is_set():
             load.stop()
