@@ -126,3 +126,36 @@ def test_a_scaled_down_job_is_cancelled_only_after_it_drained(tmp_path):
             load.stop()
         serve.stop()
         scancel_deployments(name)
+
+
+def test_load_grows_jobs_to_max_and_its_end_shrinks_them(tmp_path):
+    """The autoscaler on Slurm: under load a second job is submitted, after the load the extra
+    job drains and is cancelled; each decision is in the log and in status."""
+    name = f"as-{uuid.uuid4().hex[:6]}"
+    port = free_port()
+    config = slurm_config(tmp_path, name=name, port=port, replicas=1)
+    config.write_text(
+        config.read_text() + "\n[autoscale]\nenabled = true\nmin_replicas = 1\nmax_replicas = 2\n"
+        "target_inflight_per_replica = 1\nload_window = 2\nscale_up_delay = 1\n"
+        "scale_down_delay = 4\ncooldown = 1\n"
+    )
+    serve = Serve(config)
+    url = f"http://127.0.0.1:{port}"
+    load = None
+    try:
+        serve.wait_serving()
+        load = Load(url, clients=4, pause=0)
+        wait_for(lambda: get_status(url)["ready_replicas"] == 2, 240, "a second ready job")
+        assert len(our_jobs(name)) == 2
+        load.stop()
+        assert load.failures == [], load.failures[:5]
+        wait_for(lambda: len(our_jobs(name)) == 1, 120, "back to one job")
+        kinds = [d["kind"] for d in get_status(url)["autoscale"]["decisions"]]
+        assert kinds[:2] == ["up", "down"], kinds
+        assert "autoscale: 1 -> 2 replicas:" in serve.output
+        assert "autoscale: 2 -> 1 replica:" in serve.output
+    finally:
+        if load is not None and not load._stop.is_set():
+            load.stop()
+        serve.stop()
+        scancel_deployments(name)
