@@ -400,6 +400,13 @@ class Service(ABC):
         "max_rel_error", "mismatched_elements", "mismatched_per_million", "elements",
         "tolerance"}}}` (an output that could not be compared has "error" instead)."""
 
+    async def sample_inputs(self, model_id: str) -> dict[str, np.ndarray]:
+        """The model's own test inputs (from its package), by input id, for clients that offer
+        "try it with the model's example"; this default has none (404)."""
+        from .errors import InferenceError
+
+        raise InferenceError(f"model '{model_id[:100]}' offers no sample inputs here", status=404)
+
     # ---------------------------------------------------------------- state
     @abstractmethod
     def ready_replicas(self) -> int:

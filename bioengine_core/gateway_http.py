@@ -4,7 +4,9 @@ who may call it, and the limits that keep one client from taking the service dow
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -105,6 +107,19 @@ class HttpGatewaySettings(BackendSettings):
         "127.0.0.1",
         description="Address to bind; a non-loopback one needs tokens or allow_anonymous.",
     )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Web origins (`scheme://host[:port]`, exactly as a browser sends them) "
+        "whose pages may call this gateway from a browser (CORS); none by default.",
+    )
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _exact_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            check_origin(origin)
+        return origins
 
     @field_validator("host")
     @classmethod
@@ -127,6 +142,38 @@ class HttpGatewaySettings(BackendSettings):
     def exposed_anonymously(self) -> bool:
         """True when anyone on the network may call without a token (warned about at start)."""
         return not is_loopback(self.host) and self.allow_anonymous
+
+
+_HOST_RE = re.compile(
+    r"^(\[[0-9a-f:.]+\]|[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*)$"
+)
+
+
+def check_origin(origin: str) -> None:
+    """Raise ValueError unless `origin` is one exact web origin: lower-case `http(s)://host`
+    with an optional non-default port, no path, user, query or fragment, not `*` or `null`."""
+    bad = f"{origin[:80]!r} is not an exact origin like 'https://lab.example.org[:port]'"
+    if len(origin) > 253 or origin != origin.strip() or any(ord(c) < 33 for c in origin):
+        raise ValueError(bad)
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        raise ValueError(bad) from None
+    host = parts.netloc.rsplit(":", 1)[0] if port is not None else parts.netloc
+    if (
+        parts.scheme not in ("http", "https")
+        or parts.path
+        or parts.query
+        or parts.fragment
+        or "@" in parts.netloc
+        or origin.endswith(("#", "?"))
+        or not _HOST_RE.fullmatch(host)
+        or origin != f"{parts.scheme}://{parts.netloc}"
+        or (port is not None and port == {"http": 80, "https": 443}[parts.scheme])
+        or parts.netloc.endswith(":")
+    ):
+        raise ValueError(bad)
 
 
 def make_http_gateway(*, settings: HttpGatewaySettings, context: BackendContext):

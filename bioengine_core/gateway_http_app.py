@@ -5,7 +5,8 @@ a numeric version, inference bodies are parsed and rebuilt by the engine (`kserv
 headers the gateway writes itself are forwarded. Bodies are limited before they are read
 (declared size, a memory budget over all requests, a read deadline); compressed bodies are
 refused unread. Callers are authenticated by API tokens with two roles (inference, admin).
-Also serves /health, Prometheus /metrics and /bioengine/status.
+Also serves /health, Prometheus /metrics, /bioengine/status, and the web page at /
+(`gateway_web`: the page, its helper routes and CORS for the origins allowed in the config).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from . import __version__, logsafe
 from .contracts import BackendContext, Gateway, Service
 from .errors import BioEngineError, ConfigError, InferenceError, ModelNotFoundError
 from .gateway_http import HttpGatewaySettings, is_loopback
+from .gateway_web import WebRoutes, cors_middleware
 from .http_guard import RANK, BodyBudget, LimitedSite, Tokens, error, read_body, small_json
 from .kserve import HEADER_LEN
 
@@ -80,8 +82,12 @@ class HttpGateway(Gateway):
         s = self.settings
         self.service = service
         logsafe.install()
-        app = web.Application(client_max_size=s.max_request_bytes, middlewares=[self._guard])
+        app = web.Application(
+            client_max_size=s.max_request_bytes,
+            middlewares=[cors_middleware(s.cors_origins), self._guard],
+        )
         r = app.router
+        WebRoutes(self).add_to(r)
         r.add_get("/health", self.health)
         r.add_get("/metrics", self.metrics)
         r.add_get("/bioengine/status", self.status)
@@ -132,6 +138,7 @@ class HttpGateway(Gateway):
 
     # ------------------------------------------------------------------ guard
     _NEEDS: dict[str, str | None] = {
+        "/": None,
         "/health": None,
         "/v2/health/live": None,
         "/v2/health/ready": None,
@@ -145,6 +152,8 @@ class HttpGateway(Gateway):
             return self._NEEDS[path]
         if path.startswith("/v2/repository/models/"):
             return "admin"
+        if path.startswith("/web/"):
+            return None  # the page's own files: no secrets, and a browser sends no token
         return "inference"
 
     def _role(self, request: web.Request) -> str | None:

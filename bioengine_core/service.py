@@ -51,6 +51,7 @@ class EngineService(Service):
         self.gateway_info = gateway_info
         self.started_at = started_at
         self.catalog_mode = catalog_mode
+        self._tilers: dict[str, Any] = {}  # model id -> tiling.Tiler (built on first use)
 
     # ---------------------------------------------------------------- models
     def list_models(self) -> list[ModelInfo]:
@@ -137,6 +138,9 @@ class EngineService(Service):
                 inputs = {t.id: np.asarray(a) for t, a in zip(pkg.inputs, inputs, strict=True)}
             else:
                 inputs = {k: np.asarray(v) for k, v in inputs.items()}
+            specs = {k: (tuple(a.shape), a.dtype.name) for k, a in inputs.items()}
+            if self._needs_tiling(pkg, specs):
+                return await self._tiled(model_id, inputs, timeout)
             validate_inputs(pkg, inputs)
             return await self.router.infer(
                 model_id,
@@ -159,13 +163,25 @@ class EngineService(Service):
         started = time.perf_counter()
         status = 500
         try:
+            tile: list[bool] = []
+
+            def check(specs: dict[str, tuple[tuple[int, ...], str]]) -> None:
+                if self._needs_tiling(model.package, specs):
+                    tile.append(True)
+                else:
+                    self.check_inputs(model_id, specs)
+
             request = parse_request(
-                model_id,
-                body,
-                headers.get(HEADER_LEN),
-                package=model.package,
-                check=lambda specs: self.check_inputs(model_id, specs),
+                model_id, body, headers.get(HEADER_LEN), package=model.package, check=check
             )
+            if tile:
+                from .tiling import decode_inputs, encode_response
+
+                limit = self.timeout_for(model_id, timeout or request.timeout)
+                outputs = await self._tiled(model_id, decode_inputs(request), limit)
+                data, out = encode_response(request, model_id, outputs)
+                status = 200
+                return status, data, out
             parts, upstream_headers = request.build()
             status, data, out = await self.router.request(
                 "POST",
@@ -187,6 +203,39 @@ class EngineService(Service):
             self.metrics.observe(
                 model_id, "ok" if status == 200 else "error", time.perf_counter() - started
             )
+
+    def _needs_tiling(self, pkg: Any, specs: dict[str, tuple[tuple[int, ...], str]]) -> bool:
+        """True when the shapes do not fit the model as they are but do once tiled."""
+        from .modelpkg import validate_input_specs
+        from .tiling import tileable
+
+        try:
+            validate_input_specs(pkg, specs)
+            return False
+        except InvalidInputError:
+            return tileable(pkg, specs)
+
+    async def _tiled(
+        self, model_id: str, inputs: dict[str, np.ndarray], timeout: float | None
+    ) -> dict[str, np.ndarray]:
+        """Whole images of any size through bioimageio.core's blocked prediction, each block
+        on the replicas (see `tiling`)."""
+        from .tiling import Tiler, remote_caller
+
+        model = self.catalog.get(model_id)
+        tiler = self._tilers.get(model_id)
+        if tiler is None or tiler.pkg is not model.package:
+            outputs = [t.id for t in model.package.outputs]
+            call = remote_caller(
+                asyncio.get_running_loop(),
+                self.router.infer,
+                model_id,
+                outputs,
+                self.timeout_for(model_id, timeout),
+            )
+            tiler = await asyncio.to_thread(Tiler, model.package, call)
+            self._tilers[model_id] = tiler
+        return await asyncio.to_thread(tiler.predict, inputs)
 
     async def triton_get(
         self, model_id: str, what: str = "metadata", *, version: int | None = None
@@ -232,6 +281,11 @@ class EngineService(Service):
             )
             report["passed"] = report["passed"] and report["outputs"][tid].get("passed", False)
         return report
+
+    async def sample_inputs(self, model_id: str) -> dict[str, np.ndarray]:
+        await self.ensure_model(model_id)
+        pkg = self.catalog.get(model_id).package
+        return {tid: np.load(path, allow_pickle=False) for tid, path in pkg.test_inputs.items()}
 
     # ---------------------------------------------------------------- state
     def ready_replicas(self) -> int:

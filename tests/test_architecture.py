@@ -38,10 +38,10 @@ def test_gateways_use_the_service_contract_only():
     """The built-in HTTP gateway calls nothing on the service that the contract lacks."""
     from bioengine_core.contracts import Service
 
-    tree = ast.parse((CORE / "gateway_http_app.py").read_text())
     used = {
         node.attr
-        for node in ast.walk(tree)
+        for module in ("gateway_http_app.py", "gateway_web.py")
+        for node in ast.walk(ast.parse((CORE / module).read_text()))
         if isinstance(node, ast.Attribute)
         and isinstance(node.value, ast.Attribute)
         and node.value.attr == "service"
