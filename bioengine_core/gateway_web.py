@@ -200,7 +200,10 @@ def decode(data: bytes) -> tuple[np.ndarray, str]:
             raise bad("the .npy file must hold one array of numbers")
         return array, "npy"
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        from PIL import Image
+        try:
+            from PIL import Image  # Pillow and tifffile come with bioimageio.spec
+        except ImportError:
+            raise bad("PNG files need Pillow on the server; send .npy") from None
 
         try:
             with Image.open(io.BytesIO(data)) as img:
@@ -239,9 +242,9 @@ def fit(image: np.ndarray, kind: str, model_id: str, spec: dict[str, Any]) -> np
     name = f"model '{model_id}' input '{spec['id']}'"
     where = {a: i for i, a in enumerate(axes)}
     channels = shape[where["channel"]] if "channel" in where else 1
-    if image.ndim == len(axes):
+    if image.ndim == len(axes) and kind != "png":
         arranged = image
-    elif image.ndim == len(axes) - 1 and "batch" in where:
+    elif image.ndim == len(axes) - 1 and "batch" in where and kind != "png":
         arranged = np.expand_dims(image, where["batch"])
     else:
         # an image without batch/channel axes: name its axes, then move them into place
