@@ -73,6 +73,8 @@ class InferRequest:
     timeout: float | None = None
     """The caller's deadline in seconds (KServe `parameters.timeout`, microseconds on the wire)."""
     nonce: str = field(default_factory=lambda: "be-" + secrets.token_hex(8))
+    weights_only: bool = False
+    """Ask the generated model to run the weights only (a tile already preprocessed)."""
 
     def build(self) -> tuple[list[bytes | memoryview], dict[str, str]]:
         """The body (as buffers) and headers to send to a replica: only validated parts."""
@@ -95,6 +97,8 @@ class InferRequest:
             ]
         elif self.binary_output:
             header["parameters"] = {"binary_data_output": True}
+        if self.weights_only:
+            header.setdefault("parameters", {})["bioengine_weights_only"] = True
         head = json.dumps(header, separators=(",", ":")).encode()
         return [head, *(t.data for t in self.inputs)], {
             "Content-Type": "application/octet-stream",

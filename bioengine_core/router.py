@@ -360,8 +360,10 @@ class Router:
         outputs: list[str],
         *,
         timeout: float = 60.0,
+        weights_only: bool = False,
     ) -> dict[str, np.ndarray]:
-        """Run a Triton model on numpy inputs with binary tensors; returns numpy outputs."""
+        """Run a Triton model on numpy inputs with binary tensors; returns numpy outputs
+        (`weights_only`: the generated model skips processing, for a preprocessed tile)."""
         tensors = []
         for name, array in inputs.items():
             arr = np.ascontiguousarray(array)
@@ -370,7 +372,9 @@ class Router:
                     name, list(arr.shape), np_to_triton_dtype(arr.dtype), memoryview(arr).cast("B")
                 )
             )
-        request = InferRequest(model, tensors, [(name, True) for name in outputs])
+        request = InferRequest(
+            model, tensors, [(name, True) for name in outputs], weights_only=weights_only
+        )
         parts, headers = request.build()
 
         def verify(status: int, data: bytes, got: dict[str, str]) -> tuple[bytes, dict[str, str]]:

@@ -96,7 +96,9 @@ class EngineService(Service):
     def check_inputs(self, model_id: str, specs: dict[str, tuple[tuple[int, ...], str]]) -> None:
         from .modelpkg import validate_input_specs
 
-        validate_input_specs(self.catalog.get(model_id).package, specs)
+        pkg = self.catalog.get(model_id).package
+        if not self._needs_tiling(pkg, specs):  # shapes tiling can serve are accepted
+            validate_input_specs(pkg, specs)
 
     def timeout_for(self, model_id: str, timeout: float | None = None) -> float:
         """The deadline of one request: the caller's, capped by the model's (or the engine's)

@@ -150,8 +150,8 @@ def test_bad_requests_get_4xx_naming_model_and_tensor(served):
     assert "no_such_model" in info.value.message()
     status, body = post(f"{url}/v2/models/no_such_model/infer", b"{}")
     assert status == 404 and "unknown model 'no_such_model'" in body["error"]
-    # wrong shape
-    bad = np.zeros((1, 1, 17, 3), np.float32)
+    # wrong shape that tiling cannot fix (two channels for a one-channel model)
+    bad = np.zeros((1, 2, 17, 3), np.float32)
     with pytest.raises(InferenceServerException) as info:
         tc_infer(url, bad, client=client)
     msg = info.value.message()

@@ -62,7 +62,8 @@ class _Connection(socketserver.BaseRequestHandler):
                         model = _host(str(header["dir"]), header.get("args") or {})
                         send_msg(conn, {"ok": True, "pid": os.getpid()})
                     elif op == "predict" and model is not None:
-                        send_msg(conn, {"ok": True}, model._predict(arrays))
+                        weights_only = header.get("weights_only") is True
+                        send_msg(conn, {"ok": True}, model._predict(arrays, weights_only))
                     else:
                         send_msg(conn, {"error": f"unexpected request {op!r}"})
                 except Exception as exc:  # reported to the stub, which answers the client

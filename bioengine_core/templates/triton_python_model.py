@@ -111,6 +111,15 @@ def _check(spec, arr):
     check_tensor(MODEL_ID, spec, arr.shape, arr.dtype.name)
 
 
+def _weights_only(request):
+    """Whether the engine asked for the weights alone (its own request parameter)."""
+    try:
+        params = json.loads(request.parameters() or "{}")
+    except (AttributeError, ValueError):
+        return False
+    return params.get("bioengine_weights_only") is True
+
+
 class TritonPythonModel:
     """Serves one bioimage.io model through bioimageio.core's PredictionPipeline."""
 
@@ -253,6 +262,8 @@ class TritonPythonModel:
                 f"model '{MODEL_ID}': inputs have different batch sizes {sorted(batch_sizes)}"
             )
         n = batch_sizes.pop() if batch_sizes else 1
+        if _weights_only(request):  # a tile the engine preprocessed with whole-image statistics
+            return self._predict(arrays, weights_only=True)
         fixed = [s["batch_size"] for s in self.inputs if s["has_batch"] and s["batch_size"]]
         limit = max(1, min(fixed)) if fixed else n
         if n <= limit:
@@ -276,10 +287,11 @@ class TritonPythonModel:
                 joined[spec["id"]] = np.concatenate([p[spec["id"]] for p in parts], axis=b)
         return joined
 
-    def _predict(self, arrays):
-        """One sample through bioimageio.core: preprocessing, weights, postprocessing (each once)."""
+    def _predict(self, arrays, weights_only=False):
+        """One sample through bioimageio.core: preprocessing, weights, postprocessing (each once);
+        `weights_only`: the weights alone (the engine tiles and processes the whole image)."""
         if getattr(self, "_runner", None) is not None:
-            self._send(self._runner, {"op": "predict"}, arrays)
+            self._send(self._runner, {"op": "predict", "weights_only": weights_only}, arrays)
             header, out = self._recv(self._runner)
             if "error" in header:
                 raise RuntimeError(f"shared runner: {header['error']}")
@@ -292,7 +304,11 @@ class TritonPythonModel:
         # Whole-image inference, as bioimageio.core's own model test does: the client sends a
         # valid input size; no halo padding/cropping (that belongs to tiling of large images).
         result = self.pipeline.predict_sample_without_blocking(
-            sample, skip_input_padding=True, skip_output_cropping=True
+            sample,
+            skip_preprocessing=weights_only,
+            skip_postprocessing=weights_only,
+            skip_input_padding=True,
+            skip_output_cropping=True,
         )
         out = {}
         for spec in self.outputs:

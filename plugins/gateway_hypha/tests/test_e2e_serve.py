@@ -128,6 +128,10 @@ async def test_lists_infers_and_tests_the_real_model(served, client):
     assert judged["max_abs_error"] < 1e-4 and judged["elements"] == y.size
     assert judged["tolerance"]["source"] == "bioimageio.spec default"
     assert (await svc.get_model_rdf(MODEL_ID))["name"]
+    # an image of another size is tiled by the engine, as over HTTP
+    big = np.tile(x, (1, 1, 2, 2))[:, :, :600, :700]
+    out = await svc.infer(MODEL_ID, {tensor_in: big})
+    assert out[tensor_out].shape == (1, 1, 600, 700)
 
 
 async def test_triton_client_execute_as_existing_clients_send_it(served, client):
