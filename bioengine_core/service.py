@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any
 
@@ -23,6 +24,8 @@ from .kserve import HEADER_LEN, check_response, parse_request
 from .metrics import Metrics
 from .router import Router, error_message
 from .supervisor import ReplicaSupervisor
+
+log = logging.getLogger("bioengine.service")
 
 TRITON_GETS = {"metadata": "", "ready": "/ready", "config": "/config", "stats": "/stats"}
 """What `triton_get` forwards: the suffix of `/v2/models/ID[/versions/N]` per kind."""
@@ -237,7 +240,14 @@ class EngineService(Service):
             )
             tiler = await asyncio.to_thread(Tiler, model.package, call)
             self._tilers[model_id] = tiler
-        return await asyncio.to_thread(tiler.predict, inputs)
+        started, before = time.perf_counter(), tiler.blocks_done
+        outputs = await asyncio.to_thread(tiler.predict, inputs)
+        shapes = ", ".join("x".join(map(str, a.shape)) for a in inputs.values())
+        log.info(
+            "model %s: %s tiled into %d block(s) in %.2f s",
+            model_id, shapes, tiler.blocks_done - before, time.perf_counter() - started,
+        )  # fmt: skip
+        return outputs
 
     async def triton_get(
         self, model_id: str, what: str = "metadata", *, version: int | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 from .errors import InvalidInputError
 
 log = logging.getLogger("bioengine.tiling")
+os.environ.setdefault("TQDM_DISABLE", "1")  # bioimageio.core's per-block bars; we log per request
 
 SPATIAL = {"x", "y", "z"}
 MAX_TILED_ELEMENTS = 2**31
