@@ -4,7 +4,8 @@
 The page lists the model; the model's test input uploaded as `.npy` and as a TIFF gives an
 output that, read back through the page's own download, equals the test output within 1e-4; the
 test button shows "passed"; an RGB PNG for this one-channel model shows a clear error and the
-page keeps working; the status view shows both replicas. Each view is screenshotted at 1280x800
+page keeps working; the status view shows both replicas, and a new one in place of a replica
+whose Triton is killed during the test. Each view is screenshotted at 1280x800
 and 390x844 under the pytest tmp dir, and each screenshot must not be blank.
 
 Needs `apt-get install -y chromium` and `pip install playwright` (no `playwright install`): in CI
@@ -42,16 +43,34 @@ def chromium() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def served(tmp_path_factory):
+    """(url, state dir) of `bioengine serve` with two replicas."""
     require_service(triton_available(), "the tritonserver binary (nvidia-pytriton)")
     tmp = tmp_path_factory.mktemp("web")
     port = free_port()
     serve = Serve(local_config(tmp, port=port, replicas=2, name="e2e-web"))
     try:
         serve.wait_serving()
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", tmp / "state"
     finally:
         assert serve.stop() == 0, serve.output[-3000:]
+
+
+@pytest.fixture(scope="module")
+def site(served):
+    return served[0]
+
+
+def triton_pids(state: Path) -> list[int]:
+    """Tritonserver processes serving the repository under `state`."""
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if argv and argv[0].endswith("tritonserver") and str(state) in " ".join(argv):
+            pids.append(proc.info["pid"])
+    return pids
 
 
 @pytest.fixture(scope="module")
@@ -180,10 +199,14 @@ def test_test_button_shows_passed(page, tmp_path):
     screenshots(page, tmp_path, "test")
 
 
-def test_status_view_shows_both_replicas(page, tmp_path):
-    page.click('nav button[data-view="status"]')
+def test_status_view_shows_both_replicas_and_a_killed_one_replaced(page, tmp_path, served):
+    import os
+    import signal
+    import time
+
     from playwright.sync_api import expect  # the page's CSP forbids evaluating strings
 
+    page.click('nav button[data-view="status"]')
     expect(page.locator("tr.replica")).to_have_count(2, timeout=60_000)
     rows = page.locator("tr.replica").all_inner_texts()
     assert all("ready" in r for r in rows), rows
@@ -193,6 +216,22 @@ def test_status_view_shows_both_replicas(page, tmp_path):
         "points", re.compile(r"\S+ \S+"), timeout=30_000
     )
     screenshots(page, tmp_path, "status")
+    before = {r.split()[0] for r in rows}
+    pids = triton_pids(served[1])
+    assert len(pids) == 2, pids
+    os.kill(pids[0], signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    seen = set()
+    while True:  # the page (polling every 2 s) shows a new replica, and two ready again
+        rows = page.locator("tr.replica").all_inner_texts()
+        seen.update(" ".join(r.split()[:2]) for r in rows if r.strip())
+        ids = {r.split()[0] for r in rows if r.strip()}
+        ready = [r for r in rows if r.split()[1:2] == ["ready"]]
+        if ids - before and len(ready) == 2:
+            break
+        assert time.monotonic() < deadline, f"no replacement shown: {rows}; seen {seen}"
+        time.sleep(0.5)
+    assert len(ids & before) == 1, (before, ids)
 
 
 def test_bad_uploads_get_4xx_not_500(site):
