@@ -134,6 +134,9 @@ def run_upload(page, path: Path) -> np.ndarray:
 def test_models_view_lists_the_model_and_searches(page, tmp_path):
     card = page.locator(f'li.card[data-model="{MODEL_ID}"]')
     assert "raw" in card.inner_text() and "batch" in card.inner_text()
+    card.get_by_role("button", name="Details").click()
+    card.locator(".details").wait_for()
+    assert "Constantin Pape" in card.inner_text() and "MIT" in card.inner_text()
     screenshots(page, tmp_path, "models")
     page.fill("#search", "no-such-model-words")
     page.keyboard.press("Enter")

@@ -82,6 +82,11 @@ async function loadModels() {
     tryButton.type = "button";
     tryButton.addEventListener("click", () => { $("try-model").value = m.id; showView("try"); });
     p.append(tryButton);
+    const detailsButton = text("button", "Details");
+    detailsButton.type = "button";
+    detailsButton.setAttribute("aria-expanded", "false");
+    detailsButton.addEventListener("click", () => showDetails(m.id, li, detailsButton));
+    p.append(" ", detailsButton);
     li.append(p);
     list.append(li);
   }
@@ -91,6 +96,25 @@ async function loadModels() {
     select.replaceChildren(...state.models.map((m) => { const o = text("option", m.id); o.value = m.id; return o; }));
     if (current && state.models.some((m) => m.id === current)) select.value = current;
   }
+}
+
+async function showDetails(id, li, button) {
+  const old = li.querySelector(".details");
+  if (old) { old.remove(); button.setAttribute("aria-expanded", "false"); return; }
+  try {
+    const d = (await (await api("/bioengine/models/" + encodeURIComponent(id))).json()).description || {};
+    const box = document.createElement("dl");
+    box.className = "details";
+    const names = (list) => (list || []).map((a) => (typeof a === "string" ? a : a.name || "")).filter(Boolean).join("; ");
+    for (const [label, value] of [["Authors", names(d.authors)], ["License", d.license],
+      ["Format", d.format_version], ["Cite", names(d.cite && d.cite.map((c) => ({ name: c.text || c.doi || c.url })))],
+      ["Documentation", typeof d.documentation === "string" ? d.documentation : ""]]) {
+      if (!value) continue;
+      box.append(text("dt", label), text("dd", String(value)));
+    }
+    li.append(box);
+    button.setAttribute("aria-expanded", "true");
+  } catch (e) { showMessage("Cannot read the description of " + id + ": " + e.message); }
 }
 
 $("search-form").addEventListener("submit", (ev) => { ev.preventDefault(); loadModels(); });
