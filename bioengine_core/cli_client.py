@@ -11,6 +11,7 @@ import os
 import ssl
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -75,16 +76,38 @@ def _pairs(option: str, items: list[str], names: list[str], model: str) -> dict[
     return pairs
 
 
-def _read_array(path: str):
-    """A .npy file as an array; exit 1 naming the file when it cannot be read."""
-    import numpy as np
+def _model_axes(
+    base: str, model: str, headers: dict[str, str], cacert: Path | None
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """The axes of the model's inputs and outputs as the deployment lists them ({} if unknown)."""
+    query = urllib.parse.urlencode({"q": model, "limit": 1000})
+    request = urllib.request.Request(f"{base}/bioengine/models?{query}", headers=headers)
+    context = ssl.create_default_context(cafile=str(cacert) if cacert else None)
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as resp:
+            rows = json.loads(resp.read())
+    except (OSError, ValueError):
+        return {}, {}
+    for row in rows if isinstance(rows, list) else []:
+        if row.get("id") == model:
+            return (
+                {t["id"]: list(t.get("axes", [])) for t in row.get("inputs", [])},
+                {t["id"]: list(t.get("axes", [])) for t in row.get("outputs", [])},
+            )
+    return {}, {}
+
+
+def _read_input(path: str, name: str, model: str, model_axes: list[str] | None, axes: str | None):
+    """An input file as the array the model takes (an .npy of the right rank as it is)."""
+    from .imagefiles import ImageFileError, map_axes, read_image
 
     try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        _fail(f"--input {path}: no such file")
-    except (OSError, ValueError) as exc:
-        _fail(f"--input {path}: not a readable .npy file ({exc})")
+        arr, file_axes = read_image(path)
+        if model_axes and not (file_axes is None and axes is None and arr.ndim == len(model_axes)):
+            arr = map_axes(arr, axes or file_axes, model_axes, name=name, model=model)
+    except ImageFileError as exc:
+        _fail(f"--input {exc}")
+    return arr
 
 
 def _gateway_url(url: str | None, config: Path | None) -> str:
@@ -113,15 +136,31 @@ def infer(
     ],
     output: Annotated[
         list[str],
-        typer.Option("--output", "-o", help="Where to write the output .npy, or NAME=FILE.npy."),
+        typer.Option(
+            "--output", "-o", help="Where to write the output (.npy or .tif), or NAME=FILE."
+        ),
     ],
+    axes: Annotated[
+        str | None,
+        typer.Option(
+            help="The input file's axes when its metadata does not say them and the model "
+            "could take it two ways, one letter per dimension: e.g. zyx (a z-stack), cyx "
+            "(channels), yxc (an RGB image)."
+        ),
+    ] = None,
     url: Annotated[str | None, typer.Option(help="Gateway URL (default from --config).")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="site.toml")] = None,
     token_file: TokenFileOpt = None,
     cacert: CaOpt = None,
 ) -> None:
-    """Send .npy files to a served model and save its outputs (uses a stock Triton client)."""
-    import numpy as np
+    """Send images to a served model and save its outputs (uses a stock Triton client).
+
+    Inputs may be .npy arrays, TIFF (OME-TIFF, multi-page stacks) or PNG files; their axes are
+    mapped onto the model's (a 2D image gets batch and channel axes of 1). Images of any size
+    are tiled by the deployment. Outputs are written as .npy or .tif (with axes metadata).
+
+    Example: bioengine infer -m unet2d_nuclei_broad -i cells.tif -o mask.tif --url http://127.0.0.1:9000
+    """
     import tritonclient.http as tc
     from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
@@ -136,10 +175,11 @@ def infer(
         _fail(f"cannot reach {base}: {exc}")
     in_names = [t["name"] for t in meta["inputs"]]
     out_names = [t["name"] for t in meta["outputs"]]
-    arrays = {
-        name: _read_array(path) for name, path in _pairs("--input", input, in_names, model).items()
-    }
     targets = _pairs("--output", output, out_names, model)
+    in_axes, out_axes = _model_axes(base, model, headers, cacert)
+    arrays = {}
+    for name, path in _pairs("--input", input, in_names, model).items():
+        arrays[name] = _read_input(path, name, model, in_axes.get(name), axes)
     inputs = []
     for name, arr in arrays.items():
         x = tc.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
@@ -158,9 +198,14 @@ def infer(
     except Exception as exc:
         _fail(f"connection to {base} failed during the request: {exc}")
     elapsed = time.perf_counter() - started
+    from .imagefiles import ImageFileError, write_image
+
     for name, path in targets.items():
         arr = result.as_numpy(name)
-        np.save(path, arr)
+        try:
+            write_image(path, arr, out_axes.get(name) or [])
+        except ImageFileError as exc:
+            _fail(f"--output {exc}")
         console.print(f"{name}: {arr.shape} {arr.dtype} -> {path}", highlight=False)
     console.print(f"done in {elapsed * 1000:.1f} ms", highlight=False)
 

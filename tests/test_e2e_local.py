@@ -336,7 +336,7 @@ def test_cli_infer_says_exactly_what_failed(served, tmp_path):
     wrong = run_cli(*args, "--input", f"rwa={x}")
     assert wrong.returncode == 1 and "no tensor 'rwa'" in wrong.stderr
     bad = tmp_path / "bad.npy"
-    np.save(bad, np.zeros((1, 1, 3, 3), np.float32))
+    np.save(bad, np.zeros((1, 2, 3, 3), np.float32))  # two channels: not fixable by tiling
     refused = run_cli(*args, "--input", str(bad))
     assert refused.returncode == 1 and "refused the request (400)" in refused.stderr
     assert MODEL_ID in refused.stderr and "raw" in refused.stderr
