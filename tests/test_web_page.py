@@ -161,6 +161,10 @@ def test_try_npy_and_tiff_match_the_test_output(page, tmp_path):
     page.wait_for_selector(f'li.card[data-model="{MODEL_ID}"]')
     out = run_upload(page, tif)
     np.testing.assert_allclose(out, Y, atol=1e-4, rtol=0)
+    with page.expect_download() as info:  # the result as TIFF, written by the page
+        page.click("#download-tiff")
+    as_tiff = tifffile.imread(info.value.path())
+    np.testing.assert_allclose(as_tiff, Y[0, 0], atol=1e-4, rtol=0)
 
 
 def test_sample_button_runs_the_models_test_input(page):

@@ -223,6 +223,7 @@ async function runTry(buffer, name) {
   showMessage("");
   state.output = null; state.outputBytes = null; state.input = null; state.inputBitmap = null;
   $("download").disabled = true;
+  $("download-tiff").disabled = true;
   $("out-shape").textContent = "";
   try { state.input = parseNpy(buffer); } catch (e) {
     try { state.inputBitmap = await createImageBitmap(new Blob([buffer])); } catch (e2) { /* TIFF: no preview */ }
@@ -238,6 +239,7 @@ async function runTry(buffer, name) {
     state.output = parseNpy(state.outputBytes);
     $("out-shape").textContent = (resp.headers.get("X-Output-Id") || "") + " [" + state.output.shape.join(", ") + "]";
     $("download").disabled = false;
+    $("download-tiff").disabled = false;
     $("try-state").textContent = "Done: " + model + " on " + name + ".";
     setSlices(); redraw();
   } catch (e) {
@@ -261,12 +263,46 @@ $("upload").addEventListener("change", async () => {
 });
 
 $("download").addEventListener("click", () => {
-  if (!state.outputBytes) return;
+  if (state.outputBytes) save(state.outputBytes, ($("try-model").value || "result") + "-output.npy");
+});
+
+// A float32 TIFF of the result, one page per 2D plane (uncompressed, little-endian).
+function tiffBytes(arr) {
+  const { h, w, n } = slices(arr);
+  const ifdSize = 2 + 10 * 12 + 4 + 2; // padded: the float data starts on a 4-byte boundary
+  const planeBytes = h * w * 4;
+  const buffer = new ArrayBuffer(8 + n * (ifdSize + planeBytes));
+  const view = new DataView(buffer);
+  view.setUint16(0, 0x4949); view.setUint16(2, 42, true); view.setUint32(4, 8, true);
+  let at = 8;
+  for (let k = 0; k < n; k++) {
+    const data = at + ifdSize;
+    const tags = [[256, 4, w], [257, 4, h], [258, 3, 32], [259, 3, 1], [262, 3, 1],
+      [273, 4, data], [277, 3, 1], [278, 4, h], [279, 4, planeBytes], [339, 3, 3]];
+    view.setUint16(at, tags.length, true);
+    tags.forEach(([tag, type, value], i) => {
+      const e = at + 2 + 12 * i;
+      view.setUint16(e, tag, true); view.setUint16(e + 2, type, true); view.setUint32(e + 4, 1, true);
+      if (type === 3) view.setUint16(e + 8, value, true); else view.setUint32(e + 8, value, true);
+    });
+    const next = k + 1 < n ? data + planeBytes : 0;
+    view.setUint32(at + 2 + 12 * tags.length, next, true);
+    new Float32Array(buffer, data, h * w).set(plane(arr, k).values);
+    at = data + planeBytes;
+  }
+  return buffer;
+}
+
+function save(bytes, name) {
   const a = document.createElement("a");
-  a.href = URL.createObjectURL(new Blob([state.outputBytes], { type: "application/octet-stream" }));
-  a.download = ($("try-model").value || "result") + "-output.npy";
+  a.href = URL.createObjectURL(new Blob([bytes], { type: "application/octet-stream" }));
+  a.download = name;
   document.body.append(a); a.click(); a.remove();
   setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+}
+
+$("download-tiff").addEventListener("click", () => {
+  if (state.output) save(tiffBytes(state.output), ($("try-model").value || "result") + "-output.tif");
 });
 
 // ---------------------------------------------------------------- test
