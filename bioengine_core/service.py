@@ -238,7 +238,8 @@ class EngineService(Service):
                 outputs,
                 self.timeout_for(model_id, timeout),
             )
-            tiler = await asyncio.to_thread(Tiler, model.package, call)
+            width = lambda: 2 * max(1, self.router.ready_count())  # noqa: E731
+            tiler = await asyncio.to_thread(Tiler, model.package, call, width)
             self._tilers[model_id] = tiler
         started, before = time.perf_counter(), tiler.blocks_done
         outputs = await asyncio.to_thread(tiler.predict, inputs)

@@ -71,11 +71,17 @@ class Tiler:
     the replicas; it is called from the worker thread that runs `predict`.
     """
 
-    def __init__(self, pkg: Any, remote: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]):
+    def __init__(
+        self,
+        pkg: Any,
+        remote: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+        parallel: Callable[[], int] = lambda: 2,
+    ):
         from bioimageio.core import create_prediction_pipeline
 
         self.pkg = pkg
         self.remote = remote
+        self.parallel = parallel  # blocks in flight at once (about two per ready replica)
         self.blocks_done = 0
         self.pipeline = create_prediction_pipeline(
             pkg.descr, model_adapter=_RemoteAdapter(pkg.descr, self._forward)
@@ -115,7 +121,7 @@ class Tiler:
         }
         with self._lock:
             sample = Sample(members=members, stat={}, id=None)
-            result = self.pipeline.predict_sample_with_blocking(sample, ns=ns)
+            result = self._blocked(sample, blocks)
         out = {}
         for spec in self.pkg.outputs:
             data = result.members[spec.id].data.transpose(*spec.axes).values
@@ -129,6 +135,44 @@ class Tiler:
                     index.append(slice(None))
             out[spec.id] = np.ascontiguousarray(data[tuple(index)].astype(spec.dtype, copy=False))
         return out
+
+    def _blocked(self, sample: Any, block_shape: Any) -> Any:
+        """bioimageio.core's fixed blocking (`_predict_sample_with_fixed_blocking_yield_
+        intermediates_impl`), step for step, with several blocks on the replicas at once; at
+        most `parallel()` blocks are held beyond the stitched output."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from bioimageio.core import Sample
+
+        pp = self.pipeline
+        pp._apply_samplewise_preprocessing(sample)
+        _, blocks = sample.split_into_blocks(
+            block_shape, halo=pp._default_input_halo, pad_mode=pp.pad_mode
+        )
+
+        def run(block: Any) -> Any:
+            pp._apply_blockwise_preprocessing(block)
+            return pp.predict_sample_block(block, skip_preprocessing=True, skip_postprocessing=True)
+
+        predicted = None
+        width = max(1, int(self.parallel()))
+        with ThreadPoolExecutor(width, thread_name_prefix="bioengine-tile") as pool:
+            pending: list[Any] = []
+            blocks = iter(blocks)
+            while True:
+                while len(pending) < width and (block := next(blocks, None)) is not None:
+                    pending.append(pool.submit(run, block))
+                if not pending:
+                    break
+                out = pending.pop(0).result()  # in order: stitching as bioimageio.core does
+                pp._apply_blockwise_postprocessing(out)
+                if predicted is None:
+                    predicted = Sample.from_blocks([out], fill_value=float("nan"))
+                else:
+                    predicted.set_block(out)
+        assert predicted is not None
+        pp._apply_samplewise_postprocessing(predicted)
+        return predicted
 
     def _block_parameters(self, inputs: dict[str, np.ndarray]) -> dict[Any, int]:
         """For each parameterized axis, the largest n <= 10 whose block (min + n * step) fits
