@@ -218,8 +218,9 @@ def test_status_view_shows_both_replicas_and_a_killed_one_replaced(page, tmp_pat
     rows = page.locator("tr.replica").all_inner_texts()
     assert all("ready" in r for r in rows), rows
     assert MODEL_ID in page.inner_text("#status-models")
-    # the request plot has at least two polls drawn
-    expect(page.locator("#plot polyline")).to_have_attribute(
+    # totals and latency percentiles (earlier tests ran requests), and the request plot
+    expect(page.locator("#latency")).to_contain_text("latency p50", timeout=30_000)
+    expect(page.locator("#plot polyline").first).to_have_attribute(
         "points", re.compile(r"\S+ \S+"), timeout=30_000
     )
     screenshots(page, tmp_path, "status")

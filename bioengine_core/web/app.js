@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { models: [], input: null, inputBitmap: null, output: null, outputBytes: null, counts: [], lastTotal: null };
+const state = { models: [], input: null, inputBitmap: null, output: null, outputBytes: null, counts: [], errors: [], lastTotal: null, lastErrors: 0 };
 
 // ---------------------------------------------------------------- API
 function authHeaders() {
@@ -354,11 +354,18 @@ async function pollStatus() {
     models.replaceChildren(...(s.models || []).map((m) => text("li", typeof m === "string" ? m : `${m.id ?? m.name} ${m.state ?? ""}`)));
     try {
       const metrics = await (await api("/metrics")).text();
-      let total = 0;
-      for (const line of metrics.split("\n")) if (line.startsWith("bioengine_requests_total")) total += Number(line.split(" ").pop()) || 0;
-      if (state.lastTotal !== null) state.counts.push(Math.max(0, total - state.lastTotal));
-      state.lastTotal = total;
+      const m = readMetrics(metrics);
+      if (state.lastTotal !== null) {
+        state.counts.push(Math.max(0, m.total - state.lastTotal));
+        state.errors.push(Math.max(0, m.errors - state.lastErrors));
+      }
+      state.lastTotal = m.total;
+      state.lastErrors = m.errors;
       state.counts = state.counts.slice(-60);
+      state.errors = state.errors.slice(-60);
+      $("latency").textContent = m.count
+        ? `${m.total} requests, ${m.errors} errors since start; latency p50 ≤ ${m.p50} s, p95 ≤ ${m.p95} s`
+        : "no requests yet";
       plot();
     } catch (e) { /* metrics need the admin role */ }
   } catch (e) {
@@ -367,13 +374,34 @@ async function pollStatus() {
   statusTimer = setTimeout(pollStatus, 2000);
 }
 
+// Request and error totals and latency percentiles (upper bucket bounds) from /metrics.
+function readMetrics(text) {
+  let total = 0, errors = 0;
+  const buckets = new Map();
+  for (const line of text.split("\n")) {
+    const value = Number(line.split(" ").pop()) || 0;
+    if (line.startsWith("bioengine_requests_total{")) {
+      total += value;
+      if (line.includes('status="error"')) errors += value;
+    } else if (line.startsWith("bioengine_request_latency_seconds_bucket{")) {
+      const le = /le="([^"]+)"/.exec(line);
+      if (le) buckets.set(le[1], (buckets.get(le[1]) || 0) + value);
+    }
+  }
+  const bounds = [...buckets.keys()].sort((a, b) => Number(a) - Number(b));
+  const count = buckets.get("+Inf") || 0;
+  const quantile = (q) => bounds.find((b) => buckets.get(b) >= q * count) || "?";
+  return { total, errors, count, p50: quantile(0.5), p95: quantile(0.95) };
+}
+
 function plot() {
   const svg = $("plot");
   const n = state.counts.length;
   const max = Math.max(1, ...state.counts);
-  const points = state.counts.map((c, i) => `${(i / Math.max(1, n - 1)) * 290 + 5},${75 - (c / max) * 65}`).join(" ");
-  svg.innerHTML = `<polyline fill="none" stroke="#0b3d5c" stroke-width="1.5" points="${points}"/>` +
-    `<text x="5" y="10" font-size="8">max ${max} requests / 2 s</text>`;
+  const line = (series, colour) => `<polyline fill="none" stroke="${colour}" stroke-width="1.5" points="` +
+    series.map((c, i) => `${(i / Math.max(1, n - 1)) * 290 + 5},${75 - (c / max) * 65}`).join(" ") + '"/>';
+  svg.innerHTML = line(state.counts, "#0b3d5c") + line(state.errors, "#c0392b") +
+    `<text x="5" y="10" font-size="8">requests (blue), errors (red); max ${max} per 2 s</text>`;
 }
 
 loadModels();
