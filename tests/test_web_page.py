@@ -268,3 +268,78 @@ def test_bad_uploads_get_4xx_not_500(site):
         except urllib.error.HTTPError as exc:
             assert 400 <= exc.code < 500, (body[:20], exc.code)
             assert "error" in json.loads(exc.read())
+
+
+@pytest.fixture(scope="module")
+def volume_site(tmp_path_factory):
+    """The real gateway app in front of a small in-process service with one 3D model
+    (b,c,z,y,x; it doubles its input): the page's slice slider without a 3D zoo model."""
+    import asyncio
+    import threading
+
+    from test_http_cors import ToyService
+
+    from bioengine_core.contracts import BackendContext, ModelInfo
+    from bioengine_core.gateway_http import HttpGatewaySettings
+    from bioengine_core.gateway_http_app import HttpGateway
+
+    axes = ["batch", "channel", "z", "y", "x"]
+
+    class Volume(ToyService):
+        info = ModelInfo(
+            id="toy", name="toy volume", description="doubles a volume",
+            inputs=[{"id": "x", "dtype": "float32", "shape": [-1, 1, -1, -1, -1], "axes": axes}],
+            outputs=[{"id": "y", "dtype": "float32", "shape": [-1, 1, -1, -1, -1], "axes": axes}],
+            weight_format="onnx",
+        )  # fmt: skip
+
+    tmp = tmp_path_factory.mktemp("volume")
+    gw = HttpGateway(
+        HttpGatewaySettings(port=0),
+        BackendContext(deployment="v", state_dir=tmp, config_dir=tmp),
+    )
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def run():  # its own thread: Playwright's sync API owns this thread's event loop
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(gw.start(Volume()))
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(20)
+    yield gw.url
+    asyncio.run_coroutine_threadsafe(gw.stop(), loop).result(20)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def test_3d_result_gets_a_slice_slider(browser, volume_site, tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    stack = np.stack([np.full((16, 16), k, np.float32) for k in range(5)])  # z,y,x
+    stack[:, :8, :8] += 10
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, stack)
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        page.goto(volume_site + "/")
+        page.wait_for_selector('li.card[data-model="toy"]')
+        page.click('nav button[data-view="try"]')
+        page.set_input_files("#upload", str(path))
+        page.wait_for_selector("#download:not([disabled])", timeout=60_000)
+        slider = page.locator("#slice")
+        assert page.locator("#slice-label").is_visible()
+        assert slider.get_attribute("max") == "4"
+        slider.focus()
+        page.keyboard.press("End")  # keyboard moves through the slices
+        assert slider.input_value() == "4"
+        np.testing.assert_array_equal(downloaded(page), 2 * stack[None, None])
+        screenshots(page, tmp_path, "try-3d")
+    finally:
+        context.close()
+    assert not errors, errors
