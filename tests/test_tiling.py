@@ -5,10 +5,16 @@ stitching); inputs that tiling cannot fix (channels, axes) are still clear 400s.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from core_helpers import ROOT, Serve, free_port, get_status, local_config, triton_available
+from test_e2e_local import triton_pids
 from tritonclient.utils import InferenceServerException
 
 from bioengine_core.testing.pytest_plugin import require_service
@@ -22,10 +28,14 @@ def served(tmp_path_factory):
     require_service(triton_available(), "the tritonserver binary (nvidia-pytriton)")
     tmp = tmp_path_factory.mktemp("tiling")
     port = free_port()
-    serve = Serve(local_config(tmp, port=port, name="tiling", replicas=1))
+    serve = Serve(local_config(tmp, port=port, name="tiling", replicas=2))
     try:
         serve.wait_serving()
-        yield f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while get_status(f"http://127.0.0.1:{port}")["ready_replicas"] < 2:
+            assert time.monotonic() < deadline, serve.output
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}", tmp / "state"
     finally:
         serve.stop()
 
@@ -80,20 +90,36 @@ def _infer(url: str, x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("size", [(700, 900), (300, 300), (2048, 2048)])
 def test_any_size_equals_bioimageio_core_blocked_prediction(served, reference, size):
     x = _image(*size)
-    got = _infer(served, x)
+    got = _infer(served[0], x)
     assert got.shape == (1, 1, *size)
     np.testing.assert_allclose(got, reference(x), atol=1e-4, rtol=1e-4)
 
 
 def test_the_exact_size_still_runs_whole_and_matches_the_test_output(served):
     x = np.load(UNET / "test_input.npy")
-    np.testing.assert_allclose(_infer(served, x), np.load(UNET / "test_output.npy"), atol=1e-4)
+    np.testing.assert_allclose(_infer(served[0], x), np.load(UNET / "test_output.npy"), atol=1e-4)
 
 
 def test_what_tiling_cannot_fix_is_a_clear_400_and_the_server_keeps_serving(served):
+    served = served[0]
     for bad in (np.zeros((1, 3, 600, 600), np.float32), np.zeros((600, 600), np.float32)):
         with pytest.raises(InferenceServerException) as info:
             _infer(served, bad)
         assert "400" in str(info.value) and MODEL in str(info.value) and "'raw'" in str(info.value)
-    assert get_status(f"http://{served}")["ready_replicas"] == 1
+    assert get_status(f"http://{served}")["ready_replicas"] == 2
     assert _infer(served, _image(600, 600)).shape == (1, 1, 600, 600)
+
+
+def test_a_replica_killed_during_a_tiled_request_costs_nothing(served, reference):
+    """Blocks in flight on a replica that dies are resent to the other one."""
+    url, state = served
+    x = _image(2048, 2048, seed=3)
+    result: list = []
+    caller = threading.Thread(target=lambda: result.append(_infer(url, x)))
+    caller.start()
+    time.sleep(2.0)
+    victim = sorted(triton_pids(state))[0]
+    os.kill(victim, signal.SIGKILL)
+    caller.join(600)
+    assert len(result) == 1
+    np.testing.assert_allclose(result[0], reference(x), atol=1e-4, rtol=1e-4)
