@@ -293,7 +293,8 @@ def fit(image: np.ndarray, kind: str, model_id: str, spec: dict[str, Any]) -> np
             have.append(a)
         arranged = np.transpose(arranged, [have.index(a) for a in axes])
     for i, (size, want) in enumerate(zip(arranged.shape, shape, strict=True)):
-        if want > 0 and size != want:
+        # spatial sizes are the service's to judge: it tiles images of any size
+        if want > 0 and size != want and axes[i] in ("batch", "channel"):
             raise InferenceError(
                 f"{name} wants size {want} on axis '{axes[i]}'; the image has {size}",
                 status=400,

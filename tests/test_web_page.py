@@ -343,3 +343,20 @@ def test_3d_result_gets_a_slice_slider(browser, volume_site, tmp_path):
     finally:
         context.close()
     assert not errors, errors
+
+
+def test_try_an_image_of_another_size_is_tiled(site):
+    """The page's route leaves spatial sizes to the service, which tiles: a 512x640 image
+    (the test input, widened) comes back the same size."""
+    import urllib.request
+
+    wide = np.concatenate([X[0, 0], X[0, 0, :, :128]], axis=1)
+    buf = io.BytesIO()
+    np.save(buf, wide)
+    req = urllib.request.Request(
+        f"{site}/bioengine/models/{MODEL_ID}/try", data=buf.getvalue(), method="POST"
+    )
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        out = np.load(io.BytesIO(resp.read()), allow_pickle=False)
+    assert out.shape == (1, 1, 512, 640)
+    assert np.isfinite(out).all()
