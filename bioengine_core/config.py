@@ -62,6 +62,9 @@ class EngineSettings(BaseModel):
     max_queue_per_model: int = Field(
         1000, ge=0, description="Requests one model may have in flight or waiting; more get 429."
     )
+    job_retention: float = Field(
+        3600.0, gt=0, description="Seconds a finished job's answer is kept."
+    )
     successor_lead: float = Field(
         60.0, ge=0, description="Start a successor this many seconds before a replica expires."
     )

@@ -314,6 +314,12 @@ class ModelInfo:
     tags: list[str] = field(default_factory=list)
 
 
+def _no_jobs() -> Exception:
+    from .errors import InferenceError
+
+    return InferenceError("this service runs no jobs", status=501)
+
+
 class Service(ABC):
     """The service API that gateways expose; the only thing a gateway sees of the engine.
 
@@ -391,6 +397,24 @@ class Service(ABC):
     ) -> tuple[int, bytes]:
         """Triton's answer (status, JSON body) to `GET /v2/models/ID[/versions/N][/what]` with
         `what` one of metadata, ready, config, stats, from a ready replica."""
+
+    # ---------------------------------------------------------------- jobs
+    async def submit_job(self, model_id: str, body: bytes, headers: dict[str, str]) -> dict:
+        """Run a KServe infer body as a job (long work, e.g. a large tiled image); its info:
+        id, state, progress {done, total}. 429 when too many jobs are kept."""
+        raise _no_jobs()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """A job's info (state: queued, running, done, failed, cancelled); 404 if unknown."""
+        raise _no_jobs()
+
+    def job_result(self, job_id: str) -> tuple[int, bytes, dict[str, str]]:
+        """A finished job's answer as `infer_raw` gives it; 409 while it has none."""
+        raise _no_jobs()
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Stop a job (its blocks in flight finish, no more start); its info."""
+        raise _no_jobs()
 
     @abstractmethod
     async def test_model(self, model_id: str) -> dict[str, Any]:

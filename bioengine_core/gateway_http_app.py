@@ -26,6 +26,7 @@ from . import __version__, logsafe
 from .contracts import BackendContext, Gateway, Service
 from .errors import BioEngineError, ConfigError, InferenceError, ModelNotFoundError
 from .gateway_http import HttpGatewaySettings, is_loopback
+from .gateway_jobs import JobRoutes
 from .gateway_web import WebRoutes, cors_middleware
 from .http_guard import RANK, BodyBudget, LimitedSite, Tokens, error, read_body, small_json
 from .kserve import HEADER_LEN
@@ -88,6 +89,7 @@ class HttpGateway(Gateway):
         )
         r = app.router
         WebRoutes(self).add_to(r)
+        JobRoutes(self).add_to(r)
         r.add_get("/health", self.health)
         r.add_get("/metrics", self.metrics)
         r.add_get("/bioengine/status", self.status)

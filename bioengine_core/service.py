@@ -20,6 +20,7 @@ from .catalogmode import CatalogMode
 from .config import ModelEntry, SiteConfig
 from .contracts import ModelInfo, Service
 from .errors import BioEngineError, InferenceError, InvalidInputError, OverloadedError
+from .jobs import JOB_TIMEOUT, JobStore
 from .kserve import HEADER_LEN, check_response, parse_request
 from .metrics import Metrics
 from .router import Router, error_message
@@ -55,6 +56,7 @@ class EngineService(Service):
         self.started_at = started_at
         self.catalog_mode = catalog_mode
         self._tilers: dict[str, Any] = {}  # model id -> tiling.Tiler (built on first use)
+        self.jobs = JobStore(config.engine.job_retention)
 
     # ---------------------------------------------------------------- models
     def list_models(self) -> list[ModelInfo]:
@@ -162,7 +164,13 @@ class EngineService(Service):
             self.metrics.observe(model_id, status, time.perf_counter() - started)
 
     async def infer_raw(
-        self, model_id: str, body: bytes, headers: dict[str, str], *, timeout: float | None = None
+        self,
+        model_id: str,
+        body: bytes,
+        headers: dict[str, str],
+        *,
+        timeout: float | None = None,
+        job: Any = None,
     ) -> tuple[int, bytes, dict[str, str]]:
         model = await self._acquire(model_id)
         started = time.perf_counter()
@@ -179,11 +187,12 @@ class EngineService(Service):
             request = parse_request(
                 model_id, body, headers.get(HEADER_LEN), package=model.package, check=check
             )
+            limit = JOB_TIMEOUT if job else self.timeout_for(model_id, timeout or request.timeout)
             if tile:
                 from .tiling import decode_inputs, encode_response
 
-                limit = self.timeout_for(model_id, timeout or request.timeout)
-                outputs = await self._tiled(model_id, decode_inputs(request), limit)
+                progress = job.progress if job else None
+                outputs = await self._tiled(model_id, decode_inputs(request), limit, progress)
                 data, out = encode_response(request, model_id, outputs)
                 status = 200
                 return status, data, out
@@ -193,7 +202,7 @@ class EngineService(Service):
                 f"/v2/models/{model_id}/infer",
                 body=parts,
                 headers=upstream_headers,
-                timeout=self.timeout_for(model_id, timeout or request.timeout),
+                timeout=limit,
                 verify=lambda st, data, got: check_response(request, st, data, got),
             )
             if status != 200:
@@ -221,7 +230,11 @@ class EngineService(Service):
             return tileable(pkg, specs)
 
     async def _tiled(
-        self, model_id: str, inputs: dict[str, np.ndarray], timeout: float | None
+        self,
+        model_id: str,
+        inputs: dict[str, np.ndarray],
+        timeout: float | None,
+        progress: Any = None,
     ) -> dict[str, np.ndarray]:
         """Whole images of any size through bioimageio.core's blocked prediction, each block
         on the replicas (see `tiling`)."""
@@ -242,7 +255,7 @@ class EngineService(Service):
             tiler = await asyncio.to_thread(Tiler, model.package, call, width)
             self._tilers[model_id] = tiler
         started, before = time.perf_counter(), tiler.blocks_done
-        outputs = await asyncio.to_thread(tiler.predict, inputs)
+        outputs = await asyncio.to_thread(tiler.predict, inputs, progress)
         shapes = ", ".join("x".join(map(str, a.shape)) for a in inputs.values())
         log.info(
             "model %s: %s tiled into %d block(s) in %.2f s",
@@ -299,6 +312,27 @@ class EngineService(Service):
         await self.ensure_model(model_id)
         pkg = self.catalog.get(model_id).package
         return {tid: np.load(path, allow_pickle=False) for tid, path in pkg.test_inputs.items()}
+
+    # ---------------------------------------------------------------- jobs
+    async def submit_job(self, model_id: str, body: bytes, headers: dict[str, str]) -> dict:
+        await self.ensure_model(model_id)
+        job = self.jobs.submit(
+            model_id, lambda job: self.infer_raw(model_id, body, headers, job=job)
+        )
+        return job.info()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.jobs.get(job_id).info()
+
+    def job_result(self, job_id: str) -> tuple[int, bytes, dict[str, str]]:
+        job = self.jobs.get(job_id)
+        if job.answer is None:
+            why = job.error or f"the job is {job.state}"
+            raise InferenceError(f"job {job_id} has no result: {why}", status=409)
+        return job.answer
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return self.jobs.cancel(job_id).info()
 
     # ---------------------------------------------------------------- state
     def ready_replicas(self) -> int:

@@ -93,7 +93,9 @@ class Tiler:
         self.blocks_done += 1
         return out
 
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict(
+        self, inputs: dict[str, np.ndarray], progress: Callable[[int, int], None] | None = None
+    ) -> dict[str, np.ndarray]:
         """The model's outputs for whole images of any size (blocking; run it in a thread).
 
         Blocks are as large as the image allows (up to bioimageio.core's default size
@@ -121,7 +123,7 @@ class Tiler:
         }
         with self._lock:
             sample = Sample(members=members, stat={}, id=None)
-            result = self._blocked(sample, blocks)
+            result = self._blocked(sample, blocks, progress)
         out = {}
         for spec in self.pkg.outputs:
             data = result.members[spec.id].data.transpose(*spec.axes).values
@@ -136,7 +138,9 @@ class Tiler:
             out[spec.id] = np.ascontiguousarray(data[tuple(index)].astype(spec.dtype, copy=False))
         return out
 
-    def _blocked(self, sample: Any, block_shape: Any) -> Any:
+    def _blocked(
+        self, sample: Any, block_shape: Any, progress: Callable[[int, int], None] | None = None
+    ) -> Any:
         """bioimageio.core's fixed blocking (`_predict_sample_with_fixed_blocking_yield_
         intermediates_impl`), step for step, with several blocks on the replicas at once; at
         most `parallel()` blocks are held beyond the stitched output."""
@@ -146,7 +150,7 @@ class Tiler:
 
         pp = self.pipeline
         pp._apply_samplewise_preprocessing(sample)
-        _, blocks = sample.split_into_blocks(
+        total, blocks = sample.split_into_blocks(
             block_shape, halo=pp._default_input_halo, pad_mode=pp.pad_mode
         )
 
@@ -155,6 +159,7 @@ class Tiler:
             return pp.predict_sample_block(block, skip_preprocessing=True, skip_postprocessing=True)
 
         predicted = None
+        done = 0
         width = max(1, int(self.parallel()))
         with ThreadPoolExecutor(width, thread_name_prefix="bioengine-tile") as pool:
             pending: list[Any] = []
@@ -170,6 +175,9 @@ class Tiler:
                     predicted = Sample.from_blocks([out], fill_value=float("nan"))
                 else:
                     predicted.set_block(out)
+                done += 1
+                if progress is not None:
+                    progress(done, total)  # may raise to stop (a cancelled job)
         assert predicted is not None
         pp._apply_samplewise_postprocessing(predicted)
         return predicted

@@ -40,7 +40,7 @@ def test_gateways_use_the_service_contract_only():
 
     used = {
         node.attr
-        for module in ("gateway_http_app.py", "gateway_web.py")
+        for module in ("gateway_http_app.py", "gateway_web.py", "gateway_jobs.py")
         for node in ast.walk(ast.parse((CORE / module).read_text()))
         if isinstance(node, ast.Attribute)
         and isinstance(node.value, ast.Attribute)
