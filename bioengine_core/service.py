@@ -99,11 +99,7 @@ class EngineService(Service):
         return self.catalog.get(model_id).package.rdf
 
     def check_inputs(self, model_id: str, specs: dict[str, tuple[tuple[int, ...], str]]) -> None:
-        from .modelpkg import validate_input_specs
-
-        pkg = self.catalog.get(model_id).package
-        if not self._needs_tiling(pkg, specs):  # shapes tiling can serve are accepted
-            validate_input_specs(pkg, specs)
+        self._fits(self.catalog.get(model_id).package, specs)  # tileable shapes are accepted
 
     def timeout_for(self, model_id: str, timeout: float | None = None) -> float:
         """The deadline of one request: the caller's, capped by the model's (or the engine's)
@@ -146,7 +142,7 @@ class EngineService(Service):
             else:
                 inputs = {k: np.asarray(v) for k, v in inputs.items()}
             specs = {k: (tuple(a.shape), a.dtype.name) for k, a in inputs.items()}
-            if self._needs_tiling(pkg, specs):
+            if not self._fits(pkg, specs):
                 return await self._tiled(model_id, inputs, timeout)
             validate_inputs(pkg, inputs)
             return await self.router.infer(
@@ -179,10 +175,8 @@ class EngineService(Service):
             tile: list[bool] = []
 
             def check(specs: dict[str, tuple[tuple[int, ...], str]]) -> None:
-                if self._needs_tiling(model.package, specs):
+                if not self._fits(model.package, specs):
                     tile.append(True)
-                else:
-                    self.check_inputs(model_id, specs)
 
             request = parse_request(
                 model_id, body, headers.get(HEADER_LEN), package=model.package, check=check
@@ -218,16 +212,19 @@ class EngineService(Service):
                 model_id, "ok" if status == 200 else "error", time.perf_counter() - started
             )
 
-    def _needs_tiling(self, pkg: Any, specs: dict[str, tuple[tuple[int, ...], str]]) -> bool:
-        """True when the shapes do not fit the model as they are but do once tiled."""
+    def _fits(self, pkg: Any, specs: dict[str, tuple[tuple[int, ...], str]]) -> bool:
+        """True when the shapes fit the model as they are (checked once), False when they fit
+        once tiled; the strict check's InvalidInputError otherwise."""
         from .modelpkg import validate_input_specs
         from .tiling import tileable
 
         try:
             validate_input_specs(pkg, specs)
-            return False
+            return True
         except InvalidInputError:
-            return tileable(pkg, specs)
+            if tileable(pkg, specs):
+                return False
+            raise
 
     async def _tiled(
         self,

@@ -240,17 +240,6 @@ def remote_caller(
     return call
 
 
-def refuse(pkg: Any, specs: dict[str, tuple[tuple[int, ...], str]]) -> InvalidInputError:
-    """The error for a request that neither fits nor can be tiled (the strict check's words)."""
-    from .modelpkg import validate_input_specs
-
-    try:
-        validate_input_specs(pkg, specs)
-    except InvalidInputError as exc:
-        return exc
-    return InvalidInputError(f"model '{pkg.id}': the input cannot be tiled")
-
-
 def decode_inputs(request: Any) -> dict[str, np.ndarray]:
     """The numpy arrays of a parsed KServe request's input tensors (views of its body)."""
     from tritonclient.utils import triton_to_np_dtype
@@ -299,4 +288,4 @@ def encode_response(
     }
 
 
-__all__ = ["Tiler", "decode_inputs", "encode_response", "refuse", "remote_caller", "tileable"]
+__all__ = ["Tiler", "decode_inputs", "encode_response", "remote_caller", "tileable"]
