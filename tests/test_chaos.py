@@ -13,7 +13,15 @@ import urllib.request
 
 import numpy as np
 import pytest
-from core_helpers import ROOT, Serve, free_port, get_status, local_config, triton_available
+from core_helpers import (
+    ROOT,
+    Serve,
+    free_port,
+    get_status,
+    local_config,
+    triton_available,
+    wait_for,
+)
 from test_e2e_local import tc_infer, triton_pids
 
 from bioengine_core.testing.pytest_plugin import require_service
@@ -43,10 +51,7 @@ def test_sigkill_every_30_s_under_steady_load_fails_no_request(tmp_path):
 
     try:
         serve.wait_serving()
-        deadline = time.monotonic() + 120
-        while get_status(url)["ready_replicas"] < 2:
-            assert time.monotonic() < deadline, serve.output
-            time.sleep(0.5)
+        wait_for(lambda: get_status(url)["ready_replicas"] >= 2, 120, "two ready replicas")
         threads = [threading.Thread(target=client) for _ in range(3)]
         for t in threads:
             t.start()
@@ -65,10 +70,7 @@ def test_sigkill_every_30_s_under_steady_load_fails_no_request(tmp_path):
             t.join(120)
         assert failures == [], failures[:5]
         assert done[0] > 20 and len(killed) >= max(1, int(SECONDS // 30) - 1)
-        deadline = time.monotonic() + 120
-        while get_status(url)["ready_replicas"] < 2:
-            assert time.monotonic() < deadline, serve.output[-3000:]
-            time.sleep(0.5)
+        wait_for(lambda: get_status(url)["ready_replicas"] >= 2, 120, "two ready replicas")
         assert not set(killed) & triton_pids(tmp_path / "state")
         assert serve.output.count("replacing it") >= len(killed) - 1, serve.output[-3000:]
     finally:
@@ -98,10 +100,7 @@ def test_scaling_down_under_load_drains_the_replica_first(tmp_path):
 
     try:
         serve.wait_serving()
-        deadline = time.monotonic() + 120
-        while get_status(url)["ready_replicas"] < 2:
-            assert time.monotonic() < deadline, serve.output
-            time.sleep(0.5)
+        wait_for(lambda: get_status(url)["ready_replicas"] >= 2, 120, "two ready replicas")
         threads = [threading.Thread(target=client) for _ in range(4)]
         for t in threads:
             t.start()

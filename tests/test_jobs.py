@@ -116,3 +116,18 @@ def test_unknown_malformed_and_unnamed_jobs_are_clear_4xx(url):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert info["state"] == "failed" and "unet2d_nuclei_broad" in info["error"]
+
+
+def test_an_oversized_job_body_is_refused_before_it_is_read(url):
+    """The job route reads its body with the gateway's limits: a declared size beyond
+    max_request_bytes is a 413 at once, and nothing is queued."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /bioengine/jobs?model=unet2d_nuclei_broad HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/octet-stream\r\nContent-Length: 99999999999\r\n\r\n"
+        )
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
