@@ -57,6 +57,7 @@ def test_2d_greyscale_becomes_batch_and_channel():
 
 def test_tiff_2d_and_full_shape():
     import tifffile  # a dependency: never skipped
+
     buf = io.BytesIO()
     tifffile.imwrite(buf, np.ones((512, 512), np.float32))
     arr, kind = decode(buf.getvalue())

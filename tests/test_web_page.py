@@ -155,6 +155,7 @@ def test_try_npy_and_tiff_match_the_test_output(page, tmp_path):
     page.fill("#contrast", "50")
     page.fill("#overlay", "60")
     import tifffile  # a dependency: never skipped
+
     tif = tmp_path / "input.tif"
     tifffile.imwrite(tif, X[0, 0])  # a plain 2D image: the gateway maps it onto b,c,y,x
     page.reload()
@@ -318,6 +319,7 @@ def volume_site(tmp_path_factory):
 
 def test_3d_result_gets_a_slice_slider(browser, volume_site, tmp_path):
     import tifffile  # a dependency: never skipped
+
     stack = np.stack([np.full((16, 16), k, np.float32) for k in range(5)])  # z,y,x
     stack[:, :8, :8] += 10
     path = tmp_path / "stack.tif"
